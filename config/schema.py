@@ -1,0 +1,196 @@
+"""The one typed configuration tree of a run.
+
+Every field has a default (the `t5_tiny` preset), a type, and a docstring right under it: the docstring is
+what `--help` prints, so keep it to one line. Checks that involve a single field or several fields live in
+`RunConfig.validate()`, nowhere else. YAML presets in this folder hold only the fields that differ.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lowmem_train.config.memory import MemoryConfig
+
+
+class ConfigError(ValueError):
+    """A user mistake in the configuration: printed as one line, exit code 2, no traceback."""
+
+
+@dataclass
+class ModelConfig:
+    type: Literal["t5", "gpt"] = "t5"
+    """Architecture: t5 (encoder-decoder, T5ForConditionalGeneration) or gpt (causal, GPT2LMHeadModel)."""
+    d_model: int = 128
+    """Hidden size."""
+    num_layers: int = 2
+    """Encoder layers (t5) or transformer blocks (gpt)."""
+    num_decoder_layers: int = 2
+    """Decoder layers (t5 only)."""
+    num_heads: int = 4
+    """Attention heads."""
+    d_ff: int = 512
+    """Feed-forward inner size."""
+    dropout: float = 0.0
+    """Dropout rate (0 for small tasks; 0.1 is the T5 default for large ones)."""
+    vocab_size: int = 64
+    """Vocabulary size when a tokenizer is trained (a small value gives a character-level vocabulary)."""
+    attn_implementation: Literal["sdpa", "eager"] = "sdpa"
+    """Attention kernel: sdpa (PyTorch scaled-dot-product attention) or eager."""
+
+
+@dataclass
+class DataConfig:
+    prompt_column: str = "prompt"
+    """Parquet column holding the input text."""
+    response_column: str = "response"
+    """Parquet column holding the target text."""
+    num_workers: int = 0
+    """DataLoader worker processes at start (the memory guard may change it at epoch boundaries)."""
+    pin_memory: bool = False
+    """Pin host memory of batches for faster GPU copies (only useful with a GPU)."""
+    prefetch_factor: int = 2
+    """Batches each worker prepares ahead (only with num_workers > 0)."""
+    shuffle_buffer: int = 8192
+    """Rows shuffled together; host memory is bounded by this, not by the file size."""
+    remainder: Literal["drop", "pad"] = "drop"
+    """Last partial global batch of an epoch: drop it, or pad it by repeating samples from the epoch's start."""
+    overlong: Literal["truncate", "skip"] = "truncate"
+    """Rows longer than max_seq_len tokens: truncate them or skip them (counted in the log either way)."""
+    eval_max_samples: int = 0
+    """Validation rows scored per evaluation (0 = the whole validation file)."""
+
+
+@dataclass
+class RunConfig:
+    # ---- what to train on -------------------------------------------------------------------------------
+    train_file: str = "data/zh_numerals/train.parquet"
+    """Training parquet: a file, a directory or a glob (the bundled task is generated here when missing)."""
+    validation_file: str = "data/zh_numerals/validation.parquet"
+    """Validation parquet (empty string: no validation)."""
+    tokenizer_dir: str = "data/zh_numerals/tokenizer"
+    """Tokenizer folder: reused when it exists, otherwise trained from train_file and saved here."""
+    output_dir: str = "out/t5_tiny"
+    """Run folder: resolved config, metrics.jsonl, checkpoints/, final/."""
+    max_seq_len: int = 32
+    """Maximum tokens of a prompt or a response (t5), or of prompt + response (gpt)."""
+
+    # ---- optimisation -----------------------------------------------------------------------------------
+    epochs: int = 8
+    """Passes over the training data."""
+    batch_size_per_gpu: int = 64
+    """Micro-batch per process at start (the memory guard may change it, keeping the global batch)."""
+    gradient_accumulation_steps: int = 1
+    """Micro-batches per optimizer step at start; global batch = batch_size_per_gpu x this x processes."""
+    learn_rate: float = 3e-3
+    """Peak learning rate, reached after warmup, then cosine decay."""
+    div_factor: float = 25.0
+    """Warmup starts at learn_rate / div_factor (the prior art's OneCycle div_factor)."""
+    warmup_ratio: float = 0.05
+    """Fraction of all optimizer steps spent warming up."""
+    final_lr_ratio: float = 0.02
+    """Cosine decay ends at learn_rate x this."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0 = off)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto: bf16 on a GPU that supports it, fp32 on CPU (bf16 autocast there is slower than it saves)."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (the memory guard may turn it on)."""
+    seed: int = 23333
+    """Seed of weights, data order and dropout."""
+    deepspeed_config: str = "auto"
+    """DeepSpeed JSON, 'none', or auto: the launcher's DeepSpeed file, else zero2_offload.json unless 1 CPU process."""
+
+    # ---- evaluation, logging, checkpoints ----------------------------------------------------------------
+    logging_steps: int = 20
+    """Optimizer steps between metric lines in metrics.jsonl / TensorBoard."""
+    eval_steps: int = 0
+    """Optimizer steps between validations (0 = at each epoch end only)."""
+    patience: int = 0
+    """Stop after this many validations without a better validation loss (0 = never stop early)."""
+    save_steps: int = 500
+    """Optimizer steps between checkpoints (a checkpoint is also written at each epoch end)."""
+    keep_latest_n_ckp: int = 3
+    """Checkpoints kept besides the best one."""
+    low_disk: Literal["warn", "stop"] = "warn"
+    """Free disk below the last checkpoint's size: warn and train on unsaved, or save nothing and stop."""
+    is_keep_training: bool = False
+    """Resume from the newest complete checkpoint in output_dir."""
+    is_finetune: bool = False
+    """Start from the weights in finetune_from with a fresh optimizer and schedule."""
+    allow_batch_change: bool = False
+    """On resume, accept a global batch different from the checkpoint's (position rounded down to it)."""
+    finetune_from: str = ""
+    """Exported model folder (save_pretrained format) used by is_finetune (default: output_dir/final)."""
+    max_steps: int = 0
+    """Stop after this many optimizer steps in total (0 = run all epochs); handy for smoke runs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def validate(self) -> "RunConfig":
+        """Every check of the tree, in one place. Raises ConfigError naming the option."""
+        positive = {
+            "epochs": self.epochs,
+            "batch_size_per_gpu": self.batch_size_per_gpu,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "max_seq_len": self.max_seq_len,
+            "logging_steps": self.logging_steps,
+            "save_steps": self.save_steps,
+            "model.d_model": self.model.d_model,
+            "model.num_layers": self.model.num_layers,
+            "model.num_heads": self.model.num_heads,
+            "model.d_ff": self.model.d_ff,
+            "data.shuffle_buffer": self.data.shuffle_buffer,
+            "data.prefetch_factor": self.data.prefetch_factor,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"--{name} must be at least 1 (got {value})")
+        non_negative = {
+            "keep_latest_n_ckp": self.keep_latest_n_ckp,
+            "eval_steps": self.eval_steps,
+            "patience": self.patience,
+            "max_steps": self.max_steps,
+            "data.num_workers": self.data.num_workers,
+            "data.eval_max_samples": self.data.eval_max_samples,
+            "model.num_decoder_layers": self.model.num_decoder_layers,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"--{name} must be 0 or more (got {value})")
+        if not self.learn_rate > 0:
+            raise ConfigError(f"--learn_rate must be positive (got {self.learn_rate})")
+        if self.div_factor < 1:
+            raise ConfigError(f"--div_factor must be at least 1 (got {self.div_factor})")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"--warmup_ratio must be in [0, 1) (got {self.warmup_ratio})")
+        if not 0 <= self.final_lr_ratio <= 1:
+            raise ConfigError(f"--final_lr_ratio must be in [0, 1] (got {self.final_lr_ratio})")
+        if self.max_grad_norm < 0 or self.weight_decay < 0:
+            raise ConfigError("--max_grad_norm and --weight_decay must be 0 or more")
+        if not 0 <= self.model.dropout < 1:
+            raise ConfigError(f"--model.dropout must be in [0, 1) (got {self.model.dropout})")
+        if self.model.d_model % self.model.num_heads:
+            raise ConfigError(
+                f"--model.d_model ({self.model.d_model}) must be divisible by --model.num_heads ({self.model.num_heads})"
+            )
+        if self.model.type == "t5" and self.model.num_decoder_layers < 1:
+            raise ConfigError("--model.num_decoder_layers must be at least 1 for a t5 model")
+        if self.model.vocab_size < 16:
+            raise ConfigError(f"--model.vocab_size must be at least 16 (got {self.model.vocab_size})")
+        if not self.train_file:
+            raise ConfigError("--train_file is empty: name a parquet file, folder or glob")
+        if not self.output_dir:
+            raise ConfigError("--output_dir is empty: name the run folder")
+        if self.is_keep_training and self.is_finetune:
+            raise ConfigError("--is_keep_training and --is_finetune exclude each other: resume a run or start a new one")
+        self.memory.validate()
+        return self
+
+    def global_batch(self, world_size: int) -> int:
+        """Samples per optimizer step over all processes; the memory guard keeps it constant."""
+        return self.batch_size_per_gpu * self.gradient_accumulation_steps * world_size

@@ -1,0 +1,192 @@
+"""The distributed backend: one Accelerator, with or without DeepSpeed, decided by our config alone.
+
+Why we build the DeepSpeed plugin ourselves instead of letting `accelerate launch` flags decide: the prior
+art's `--multi_gpu` silently replaced DeepSpeed with plain DDP. Here `deepspeed_config` in the run config
+is the one switch, whatever the launcher was told, and every "auto" in the DeepSpeed JSON is filled from
+the run config before DeepSpeed sees it (batch, accumulation, learning rate, clipping, precision).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator, DeepSpeedPlugin
+from accelerate.utils import DistributedType, DummyOptim, InitProcessGroupKwargs
+
+from lowmem_train.config.schema import ConfigError, RunConfig
+
+log = logging.getLogger(__name__)
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DS_CONFIG_DIR = PROJECT_ROOT / "ds_configs"
+WORKING_CPU_COMMAND = "accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml train_low_mem.py train"
+
+
+@dataclass
+class Backend:
+    accelerator: Accelerator
+    ds_config: dict | None  # the resolved DeepSpeed config, None on the plain Accelerate path
+    precision: str  # "fp32", "bf16" or "fp16": what the forward pass really runs in
+
+    @property
+    def uses_deepspeed(self) -> bool:
+        return self.ds_config is not None
+
+    @property
+    def zero_stage(self) -> int:
+        return int(self.ds_config["zero_optimization"].get("stage", 0)) if self.ds_config else 0
+
+    @property
+    def world_size(self) -> int:
+        return self.accelerator.num_processes
+
+    @property
+    def rank(self) -> int:
+        return self.accelerator.process_index
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+
+def launched_world_size() -> int:
+    """Processes the launcher started (torchrun/accelerate set WORLD_SIZE), whatever the backend made of it."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def choose_precision(requested: str) -> str:
+    if requested == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return "bf16"
+        return "fp32"  # on CPU, bf16 autocast costs more in casts than it saves for small models
+    return {"no": "fp32"}.get(requested, requested)
+
+
+def choose_ds_config_path(cfg: RunConfig) -> Path | None:
+    choice = cfg.deepspeed_config
+    if choice == "none":
+        return None
+    if choice == "auto":
+        from_launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # accelerate launch --config_file X.yaml
+        if from_launcher and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
+            choice = from_launcher
+        elif launched_world_size() == 1 and not torch.cuda.is_available():
+            return None  # one CPU process: ZeRO has nothing to partition, plain AdamW is faster
+        else:
+            return DS_CONFIG_DIR / "zero2_offload.json"
+    path = Path(choice)
+    if not path.is_file() and (DS_CONFIG_DIR / path.name).is_file() and path.parent == Path("."):
+        path = DS_CONFIG_DIR / path.name
+    if not path.is_file():
+        shipped = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
+        raise ConfigError(f"--deepspeed_config: {choice} not found (shipped: {shipped}; or 'none' / 'auto')")
+    return path
+
+
+def fill_ds_config(raw: dict, cfg: RunConfig, micro_batch: int, grad_accum: int, world_size: int, precision: str) -> dict:
+    """Replace every "auto" that is ours to decide with the run config's value."""
+    ds = json.loads(json.dumps(raw))  # deep copy
+    ours: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": cfg.max_grad_norm,
+        "optimizer.params.lr": cfg.learn_rate,
+        "optimizer.params.weight_decay": cfg.weight_decay,
+        "optimizer.params.betas": [0.9, 0.999],
+        "optimizer.params.eps": 1e-8,
+        "bf16.enabled": precision == "bf16",
+        "fp16.enabled": precision == "fp16",
+    }
+    for dotted, value in ours.items():
+        *parents, leaf = dotted.split(".")
+        node = ds
+        for p in parents:
+            node = node.get(p, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict) and node.get(leaf) == "auto":
+            node[leaf] = value
+        elif isinstance(node, dict) and leaf in node and dotted in ("train_micro_batch_size_per_gpu",
+                                                                   "gradient_accumulation_steps", "train_batch_size"):
+            # Batch numbers are the run config's alone: a fixed number in the JSON would fight the guard.
+            node[leaf] = value
+    return ds
+
+
+def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int) -> Backend:
+    """Create the Accelerator; refuse launches that would train ranks independently."""
+    precision = choose_precision(cfg.mixed_precision)
+    if precision != "fp32" and not torch.cuda.is_available():
+        raise ConfigError(f"--mixed_precision={cfg.mixed_precision} needs a GPU; use auto or no on CPU")
+    ds_path = choose_ds_config_path(cfg)
+    world = launched_world_size()
+    # On CPU the process group must be gloo, or accelerate quietly runs every rank alone (NOTES).
+    handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not torch.cuda.is_available() else []
+    plugin = None
+    ds_config = None
+    if ds_path is not None:
+        ds_config = fill_ds_config(json.loads(ds_path.read_text()), cfg, micro_batch, grad_accum, world, precision)
+        plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
+    accelerator = Accelerator(
+        deepspeed_plugin=plugin,
+        mixed_precision="bf16" if precision == "bf16" else ("fp16" if precision == "fp16" else "no"),
+        gradient_accumulation_steps=grad_accum if plugin is None else 1,
+        kwargs_handlers=handlers,
+    )
+    if world > 1 and accelerator.num_processes == 1:
+        raise ConfigError(
+            f"{world} processes were launched but they are not connected (accelerate made DistributedType."
+            f"{accelerator.distributed_type.name} with 1 process each): they would train {world} separate models. "
+            f"On a machine without GPUs run: {WORKING_CPU_COMMAND}"
+        )
+    if ds_config is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise ConfigError(f"DeepSpeed was asked for ({ds_path}) but accelerate set up {accelerator.distributed_type.name}")
+    if ds_config is not None:
+        accelerator.gradient_accumulation_steps = grad_accum
+    return Backend(accelerator, ds_config, precision)
+
+
+def make_optimizer(backend: Backend, model: torch.nn.Module, cfg: RunConfig):
+    """AdamW with no decay on biases and norms. Under DeepSpeed the JSON's optimizer section builds it
+    (DeepSpeedCPUAdam when the optimizer is offloaded), so we hand accelerate a placeholder."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if backend.uses_deepspeed and "optimizer" in backend.ds_config:
+        return DummyOptim(groups, lr=cfg.learn_rate, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available())
+
+
+def deepspeed_engine(backend: Backend):
+    return backend.accelerator.deepspeed_engine_wrapped.engine if backend.uses_deepspeed else None
+
+
+def set_batch_plan(backend: Backend, micro_batch: int, grad_accum: int) -> None:
+    """Apply a new micro-batch / accumulation split of the same global batch to every layer that counts it.
+
+    DeepSpeed 0.19: set_train_micro_batch_size keeps accumulation (changing the global batch), so the
+    global batch is set right after it, which recomputes accumulation. Accelerate keeps its own count.
+    """
+    backend.accelerator.gradient_accumulation_steps = grad_accum
+    engine = deepspeed_engine(backend)
+    if engine is not None:
+        engine.set_train_micro_batch_size(micro_batch)
+        engine.set_train_batch_size(micro_batch * grad_accum * backend.world_size)
+        assert engine.gradient_accumulation_steps() == grad_accum, "DeepSpeed disagrees on accumulation"
+
+
+def all_reduce(backend: Backend, values: list[float], op: str = "sum") -> list[float]:
+    """Reduce a few numbers over all ranks ("sum", "max" or "min"); the identity on one process."""
+    if backend.world_size == 1:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=backend.accelerator.device)
+    torch.distributed.all_reduce(t, op={"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
+                                        "min": torch.distributed.ReduceOp.MIN}[op])
+    return t.tolist()

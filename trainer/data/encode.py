@@ -1,0 +1,119 @@
+"""Rows -> model inputs, for each model type, and padding into one batch.
+
+T5 (encoder-decoder): input_ids = prompt [EOS]; labels = response [EOS] (the model shifts labels right,
+starting from [PAD], to make decoder inputs).
+GPT (causal): input_ids = prompt [SEP] response [EOS]; labels equal input_ids with the prompt and [SEP]
+masked (-100), so only the response is learned; the model shifts labels left internally.
+
+Rows whose text is null are skipped, rows too long are truncated or skipped (cfg.data.overlong); both are
+counted in `EncodeStats` and reported by the trainer, never dropped silently.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Sequence
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class EncodeStats:
+    rows: int = 0
+    skipped_null: int = 0
+    skipped_overlong: int = 0
+    truncated: int = 0
+
+    def add(self, other: "EncodeStats") -> None:
+        for f in fields(self):
+            setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+
+    def as_dict(self) -> dict[str, int]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
+class Encoder:
+    """Tokenizes (prompt, response) rows for one model type. Picklable: it travels into DataLoader workers."""
+
+    tokenizer: object
+    model_type: str
+    max_seq_len: int
+    overlong: str = "truncate"
+    stats: EncodeStats = field(default_factory=EncodeStats)
+
+    def encode(self, rows: Sequence[tuple]) -> list[tuple[list[int], list[int]]]:
+        """(input_ids, labels) per kept row; token-id rows (from `prepare`) pass through untokenized."""
+        self.stats.rows += len(rows)
+        kept = [r for r in rows if r[0] is not None and r[1] is not None]
+        self.stats.skipped_null += len(rows) - len(kept)
+        if not kept:
+            return []
+        if isinstance(kept[0][0], str):
+            tok = self.tokenizer
+            prompts = tok([r[0] for r in kept], add_special_tokens=False)["input_ids"]
+            responses = tok([r[1] for r in kept], add_special_tokens=False)["input_ids"]
+            pairs = [self._build(p, r) for p, r in zip(prompts, responses)]
+        else:
+            pairs = [(list(r[0]), list(r[1])) for r in kept]
+        out = [p for p in pairs if p is not None]
+        self.stats.skipped_overlong += len(pairs) - len(out)
+        return out
+
+    def _build(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]] | None:
+        tok, limit = self.tokenizer, self.max_seq_len
+        if self.model_type == "t5":
+            too_long = len(prompt) + 1 > limit or len(response) + 1 > limit
+            if too_long:
+                if self.overlong == "skip":
+                    return None
+                self.stats.truncated += 1
+                prompt, response = prompt[: limit - 1], response[: limit - 1]
+            return prompt + [tok.eos_token_id], response + [tok.eos_token_id]
+        total = len(prompt) + len(response) + 2
+        if total > limit:
+            if self.overlong == "skip":
+                return None
+            self.stats.truncated += 1
+            # Keep the end of the prompt and the start of the response, at least one response token.
+            keep_prompt = min(len(prompt), max(1, limit // 2 - 1))
+            prompt = prompt[len(prompt) - keep_prompt:]
+            response = response[: max(1, limit - keep_prompt - 2)]
+        ids = prompt + [tok.sep_token_id] + response + [tok.eos_token_id]
+        labels = [IGNORE_INDEX] * (len(prompt) + 1) + response + [tok.eos_token_id]
+        return ids[:limit], labels[:limit]
+
+    def take_stats(self) -> EncodeStats:
+        stats, self.stats = self.stats, EncodeStats()
+        return stats
+
+
+def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:
+    width = max((len(s) for s in seqs), default=1)
+    out = torch.full((len(seqs), max(width, 1)), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+    return out
+
+
+def collate(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, model_type: str) -> dict[str, torch.Tensor]:
+    """Pad to the longest row of this batch (not to max_seq_len: short tasks stay cheap).
+
+    No rows at all (every row of a step skipped) gives one fully masked row: every rank must still run
+    its forward/backward passes, and a masked row adds nothing to loss or gradients.
+    """
+    if not pairs:
+        pairs = [([pad_id], [IGNORE_INDEX])]
+    batch = {
+        "input_ids": pad([p[0] for p in pairs], pad_id),
+        "attention_mask": pad([[1] * len(p[0]) for p in pairs], 0),
+        "labels": pad([p[1] for p in pairs], IGNORE_INDEX),
+    }
+    if model_type == "t5":
+        # The decoder reads the labels shifted right, starting from [PAD] (T5's decoder_start_token_id).
+        shifted = batch["labels"].roll(1, dims=1)
+        shifted[:, 0] = pad_id
+        batch["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)
+    return batch

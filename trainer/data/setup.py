@@ -1,0 +1,60 @@
+"""Everything the data path needs before training: the bundled task (generated when missing), the
+tokenizer (reused or trained), and the parquet indexes. Rank 0 does the writing, the others wait."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from lowmem_train.config.schema import RunConfig
+from lowmem_train.model.tokenizer import load_or_train_tokenizer
+from lowmem_train.trainer.data.source import ParquetIndex, iter_rows
+from lowmem_train.trainer.data.zh_numerals import write_task
+
+log = logging.getLogger(__name__)
+
+BUNDLED = RunConfig()  # the defaults point at the bundled task
+
+
+@dataclass
+class LoadedData:
+    tokenizer: object
+    train_index: ParquetIndex
+    validation_index: ParquetIndex | None
+
+
+def is_bundled_task(cfg: RunConfig) -> bool:
+    return Path(cfg.train_file) == Path(BUNDLED.train_file)
+
+
+def ensure_bundled_task(cfg: RunConfig) -> None:
+    """Generate the Arabic -> Chinese numerals task where the defaults expect it, once."""
+    train = Path(cfg.train_file)
+    if is_bundled_task(cfg) and not train.exists():
+        log.info("generating the bundled task (Arabic number -> Chinese numerals) in %s", train.parent)
+        write_task(train.parent)
+
+
+def tokenizer_texts(index: ParquetIndex, limit_rows: int = 2_000_000) -> Iterator[str]:
+    """Prompts and responses, streamed (a tokenizer trainer does not need the table in memory)."""
+    for i, row in enumerate(iter_rows(index)):
+        if i >= limit_rows:
+            return
+        yield from (text for text in row if isinstance(text, str))
+
+
+def load_datasets(cfg: RunConfig, backend) -> LoadedData:
+    columns = (cfg.data.prompt_column, cfg.data.response_column)
+    accelerator = backend.accelerator
+    with accelerator.main_process_first():
+        if backend.is_main:
+            ensure_bundled_task(cfg)
+        train_index = ParquetIndex.build(cfg.train_file, columns, "--train_file")
+        texts = tokenizer_texts(train_index) if backend.is_main else None
+        tokenizer = load_or_train_tokenizer(Path(cfg.tokenizer_dir), texts, cfg.model.vocab_size)
+    validation_index = None
+    if cfg.validation_file:
+        validation_index = ParquetIndex.build(cfg.validation_file, columns, "--validation_file")
+    return LoadedData(tokenizer, train_index, validation_index)

@@ -1,0 +1,124 @@
+"""One optimizer step: split this rank's share of the global batch into micro-batches, forward, backward,
+accumulate, clip, step. Nothing else lives here.
+
+The loss is scaled exactly once, and so that the update does not depend on how the global batch is split
+(micro-batch x accumulation x processes) nor on how many target tokens each piece holds: every micro-batch
+contributes sum(token losses) / (target tokens of the whole global step). Both backends then divide by the
+accumulation count (accelerate in `backward`, DeepSpeed in `engine.backward`) and average over processes,
+so we multiply by those two numbers first; the result is the exact mean over the global step's tokens.
+(The prior art divided by the accumulation count itself *and* let accelerate do it: loss scaled twice.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from lowmem_train.trainer.backend import Backend, all_reduce, deepspeed_engine
+from lowmem_train.trainer.data.encode import IGNORE_INDEX
+
+MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "decoder_input_ids")
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean token loss of the global step (all ranks)
+    tokens: int  # target tokens of the global step (all ranks)
+    grad_norm: float | None
+    lr: float
+
+
+def split_micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+    """`count` micro-batches from one rank-step batch, each trimmed to its own longest row.
+
+    Exactly `count` pieces, always: every rank must run the same number of backward passes or the gradient
+    collectives hang. A piece with no rows (rows skipped as null/overlong) becomes a fully masked row.
+    """
+    rows = batch["input_ids"].shape[0]
+    pieces = []
+    for idx in torch.tensor_split(torch.arange(rows), count):
+        if len(idx) == 0:
+            pieces.append(masked_row(batch))
+            continue
+        piece = {k: batch[k][idx] for k in MODEL_INPUTS if k in batch}
+        pieces.append(trim(piece))
+    return pieces
+
+
+def masked_row(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """One row that takes part in forward/backward but contributes no loss and no gradient."""
+    piece = trim({k: batch[k][:1].clone() for k in MODEL_INPUTS if k in batch})
+    piece["labels"].fill_(IGNORE_INDEX)
+    return piece
+
+
+def trim(piece: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop padding columns that no row of this micro-batch uses (batches are padded to the step's longest row)."""
+    width = int(piece["attention_mask"].sum(1).max())
+    out = dict(piece)
+    out["input_ids"], out["attention_mask"] = piece["input_ids"][:, :width], piece["attention_mask"][:, :width]
+    if "decoder_input_ids" in piece:  # t5: labels have their own length
+        target = int((piece["labels"] != IGNORE_INDEX).sum(1).max().clamp(min=1))
+        out["labels"], out["decoder_input_ids"] = piece["labels"][:, :target], piece["decoder_input_ids"][:, :target]
+    else:
+        out["labels"] = piece["labels"][:, :width]
+    return out
+
+
+def token_loss_sum(model: torch.nn.Module, piece: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Sum of cross-entropy over target tokens (labels != -100) of one micro-batch."""
+    labels = piece["labels"]
+    if "decoder_input_ids" in piece:
+        logits = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"],
+                       decoder_input_ids=piece["decoder_input_ids"], use_cache=False).logits
+    else:  # causal: position t predicts token t+1
+        logits = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"], use_cache=False).logits
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def set_lr(optimizer, lr: float) -> None:
+    # The schedule is a pure function of the step (schedule.py), so nothing about it needs checkpointing.
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+def train_step(backend: Backend, model, optimizer, batch: dict[str, torch.Tensor], grad_accum: int, lr: float,
+               max_grad_norm: float) -> StepResult:
+    accelerator = backend.accelerator
+    pieces = split_micro_batches(batch, grad_accum)
+    local_tokens = sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pieces)
+    tokens = all_reduce(backend, [local_tokens])[0]  # one tiny all-reduce per step
+    scale = grad_accum * backend.world_size / max(tokens, 1.0)
+    set_lr(optimizer, lr)
+    loss_sum = 0.0
+    for i, piece in enumerate(pieces):
+        last = i == len(pieces) - 1
+        piece = {k: v.to(accelerator.device, non_blocking=True) for k, v in piece.items()}
+        # DeepSpeed steps inside backward() on the piece marked as the accumulation boundary.
+        accelerator.gradient_state._set_sync_gradients(last)
+        sync = contextlib.nullcontext() if last or backend.uses_deepspeed else accelerator.no_sync(model)
+        with sync:
+            loss = token_loss_sum(model, piece)
+            accelerator.backward(loss * scale)
+        loss_sum += float(loss.detach())
+    grad_norm = finish_step(backend, model, optimizer, max_grad_norm)
+    return StepResult(loss=all_reduce(backend, [loss_sum])[0] / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr)
+
+
+def finish_step(backend: Backend, model, optimizer, max_grad_norm: float) -> float | None:
+    """Clip and step on the plain path; DeepSpeed already did both in the last backward."""
+    engine = deepspeed_engine(backend)
+    if engine is not None:
+        norm = engine.get_global_grad_norm()
+        return None if norm is None else float(norm)
+    limit = max_grad_norm if max_grad_norm > 0 else math.inf
+    norm = backend.accelerator.clip_grad_norm_(model.parameters(), limit)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(norm)

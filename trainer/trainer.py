@@ -1,0 +1,234 @@
+"""The training loop. `Trainer.fit` reads top to bottom:
+
+    setup   backend (Accelerate +/- DeepSpeed) -> data -> tokenizer -> model + optimizer -> resume
+    loop    for each epoch from the saved position:
+              for each global step:   train_step -> memory guard sample -> log -> eval? -> save?
+              epoch end:              eval -> save -> memory guard may re-plan (all ranks agree)
+    finish  final eval -> final/ (save_pretrained, safetensors) -> exact match printed
+
+The pieces live next door: step.py (one optimizer step), data/ (LowMemDataset), checkpoint.py,
+memory/ (probe, policy, guard), evaluate.py, run_log.py.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from lowmem_train.config.loader import save_config
+from lowmem_train.config.schema import RunConfig
+from lowmem_train.model.build import build_model, count_parameters
+from lowmem_train.trainer.backend import make_backend, make_optimizer
+from lowmem_train.trainer.checkpoint import Checkpointer, TrainState
+from lowmem_train.trainer.data.dataset import LowMemDataset
+from lowmem_train.trainer.data.encode import EncodeStats, Encoder
+from lowmem_train.trainer.data.setup import load_datasets
+from lowmem_train.trainer.evaluate import EvalResult, Evaluator
+from lowmem_train.trainer.memory.guard import MemoryGuard
+from lowmem_train.trainer.run_log import RunLog
+from lowmem_train.trainer.schedule import lr_at
+from lowmem_train.trainer.step import train_step
+from lowmem_train.trainer.stop import StopSignal
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FitResult:
+    steps: int
+    last_eval: EvalResult | None
+    stopped_early: bool
+    final_dir: Path | None
+    exit_code: int = 0
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+
+    # ---- the loop ----------------------------------------------------------------------------------------
+    def fit(self) -> FitResult:
+        self.setup()
+        cfg, state = self.cfg, self.state
+        try:
+            while state.epoch < cfg.epochs and not self.should_stop():
+                self.dataset.load_state_dict(state.position())
+                steps = self.dataset.steps_per_epoch()
+                self.run_log.start_epoch(state.epoch, cfg.epochs, steps, self.dataset.first_step())
+                for batch in self.loader:
+                    self.check_alignment(batch)
+                    self.one_step(batch)
+                    if self.should_stop():
+                        break
+                self.run_log.end_epoch()
+                if not self.should_stop():  # the epoch ran to its end
+                    self.end_of_epoch()
+            if self.stop.flag:
+                return self.interrupted()
+            return self.finish()
+        finally:
+            self.stop.restore()
+            self.run_log.close()
+
+    def one_step(self, batch: dict) -> None:
+        cfg, state, plan = self.cfg, self.state, self.guard.plan
+        lr = lr_at(state.step, self.total_steps, cfg)
+        result = self.guard.run_step(lambda p: train_step(self.backend, self.model, self.optimizer, batch,
+                                                           p.grad_accum, lr, cfg.max_grad_norm))
+        state.step += 1
+        state.samples_seen += self.global_batch
+        self.stats.add(EncodeStats(*batch["stats"].tolist()))
+        rate = self.run_log.step(self.global_batch, result.loss, lr, result.grad_norm)
+        if state.step % cfg.logging_steps == 0:
+            self.run_log.write("train", state.step, epoch=state.epoch, loss=result.loss, lr=lr,
+                               grad_norm=result.grad_norm, samples_per_s=rate, tokens=result.tokens,
+                               micro_batch=plan.micro_batch, grad_accum=plan.grad_accum)
+        self.guard.after_step(state.step)
+        if cfg.eval_steps and state.step % cfg.eval_steps == 0:
+            self.evaluate()
+        if state.step % cfg.save_steps == 0:
+            self.save()
+
+    def end_of_epoch(self) -> None:
+        state = self.state
+        self.log_data_stats()
+        self.evaluate()
+        state.epoch, state.samples_seen = state.epoch + 1, 0
+        new_plan = self.guard.at_epoch_end(state.epoch)
+        if new_plan is not None:
+            self.loader = self.make_loader()
+        self.save()
+
+    def interrupted(self) -> FitResult:
+        self.save()
+        log.info("stopped by %s at step %d; continue with the same command plus --is_keep_training=True",
+                 self.stop.signal_name, self.state.step)
+        return FitResult(self.state.step, self.last_eval, False, None)
+
+    def finish(self) -> FitResult:
+        state = self.state
+        self.save()
+        if self.last_eval is None or self.last_eval_step != state.step:
+            self.evaluate()
+        final_dir = self.checkpointer.export_final(self.model, self.tokenizer)
+        if self.last_eval is not None:
+            log.info("done: %d steps; validation loss %.4f, exact match %.2f%% on %d held-out samples; model in %s",
+                     state.step, self.last_eval.loss, 100 * self.last_eval.exact_match, self.last_eval.samples, final_dir)
+        return FitResult(state.step, self.last_eval, self.stopped_early, final_dir)
+
+    # ---- pieces of the loop ----------------------------------------------------------------------------------
+    def should_stop(self) -> bool:
+        if self.cfg.max_steps and self.state.step >= self.cfg.max_steps:
+            return True
+        return self.stop.requested() or self.stopped_early
+
+    def check_alignment(self, batch: dict) -> None:
+        """The loader and the loop must agree on the position; anything else is a bug, so fail loudly."""
+        expected = self.state.samples_seen // self.global_batch
+        if int(batch["step"]) != expected or int(batch["epoch"]) != self.state.epoch:
+            raise RuntimeError(f"data loader at epoch {int(batch['epoch'])} step {int(batch['step'])}, "
+                               f"trainer at epoch {self.state.epoch} step {expected}")
+
+    def evaluate(self) -> None:
+        if self.evaluator is None:
+            return
+        t0 = time.perf_counter()
+        result = self.evaluator.run(self.model)
+        self.last_eval, self.last_eval_step = result, self.state.step
+        self.run_log.write("eval", self.state.step, epoch=self.state.epoch, loss=result.loss,
+                           perplexity=result.perplexity, exact_match=result.exact_match, samples=result.samples)
+        log.info("eval @ step %d: loss %.4f ppl %.3f exact match %.2f%% (%d samples, %.1fs)", self.state.step,
+                 result.loss, result.perplexity, 100 * result.exact_match, result.samples, time.perf_counter() - t0)
+        for prompt, expected, got in result.examples:
+            log.info("  %s -> %s %s", prompt, got, "ok" if got == expected.replace(" ", "") else f"(expected {expected})")
+        if result.loss < self.state.best_loss - 1e-12:
+            self.state.best_loss, self.state.bad_evals = result.loss, 0
+        else:
+            self.state.bad_evals += 1
+            if self.cfg.patience and self.state.bad_evals >= self.cfg.patience:
+                log.info("early stop: no better validation loss in %d evaluations", self.state.bad_evals)
+                self.stopped_early = True
+
+    def save(self) -> None:
+        self.state.plan = self.guard.state_dict()
+        self.checkpointer.save(self.state, self.model, self.optimizer, self.last_eval)
+
+    def log_data_stats(self) -> None:
+        s = self.stats.as_dict()
+        dropped = self.dataset.dropped_per_epoch()
+        if any(s[k] for k in ("skipped_null", "skipped_overlong", "truncated")) or dropped:
+            log.info("epoch %d data: %d rows, %d null skipped, %d too long %s, %d rows %s to fill the last step",
+                     self.state.epoch + 1, s["rows"], s["skipped_null"], s["skipped_overlong"] + s["truncated"],
+                     "skipped" if self.cfg.data.overlong == "skip" else "truncated", abs(dropped),
+                     "dropped" if dropped >= 0 else "repeated")
+        self.stats = EncodeStats()
+
+    # ---- setup ---------------------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.cfg
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with DataLoader workers
+        self.checkpointer = Checkpointer(cfg)
+        resume = self.checkpointer.find_resume() if cfg.is_keep_training else None
+        self.guard = MemoryGuard.from_config(cfg, resume.plan if resume else None)
+        plan = self.guard.plan
+        self.backend = make_backend(cfg, plan.micro_batch, plan.grad_accum)
+        self.checkpointer.attach(self.backend)
+        self.stop = StopSignal(self.backend)
+        self.guard.attach(self.backend)
+        world = self.backend.world_size
+        self.global_batch = plan.global_batch(world)
+        data = load_datasets(cfg, self.backend)
+        self.tokenizer, self.train_index = data.tokenizer, data.train_index
+        self.model = build_model(cfg, self.tokenizer)
+        if cfg.is_finetune:
+            self.checkpointer.load_finetune_weights(self.model)
+        optimizer = make_optimizer(self.backend, self.model, cfg)
+        self.model, self.optimizer = self.backend.accelerator.prepare(self.model, optimizer)
+        self.guard.attach_model(self.model)
+        encoder = Encoder(self.tokenizer, cfg.model.type, cfg.max_seq_len, cfg.data.overlong)
+        self.dataset = LowMemDataset(self.train_index, encoder, self.tokenizer.pad_token_id, self.global_batch,
+                                     self.backend.rank, world, cfg.seed, cfg.data.shuffle_buffer, cfg.data.remainder)
+        self.evaluator = None
+        if data.validation_index is not None:
+            self.evaluator = Evaluator(self.backend, data.validation_index, Encoder(self.tokenizer, cfg.model.type,
+                                       cfg.max_seq_len, "truncate"), 2 * plan.micro_batch, cfg.data.eval_max_samples)
+        self.total_steps = cfg.epochs * self.dataset.steps_per_epoch()
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.state = TrainState(world_size=world, global_batch=self.global_batch)
+        self.last_eval, self.last_eval_step, self.stopped_early = None, -1, False
+        self.stats = EncodeStats()
+        if resume is not None:
+            self.state = self.checkpointer.load(resume, self.model, self.optimizer)
+        self.loader = self.make_loader()
+        self.run_log = RunLog(self.out, self.backend.is_main)
+        if self.backend.is_main:
+            save_config(cfg, self.out / "config.yaml")
+        self.describe(count_parameters(self.backend.accelerator.unwrap_model(self.model)))
+
+    def make_loader(self) -> DataLoader:
+        plan = self.guard.plan
+        workers = plan.num_workers
+        return DataLoader(
+            self.dataset, batch_size=None, num_workers=workers, pin_memory=plan.pin_memory and torch.cuda.is_available(),
+            prefetch_factor=plan.prefetch_factor if workers else None, persistent_workers=False,
+        )
+
+    def describe(self, params: int) -> None:
+        b, cfg, plan = self.backend, self.cfg, self.guard.plan
+        engine = f"DeepSpeed ZeRO-{b.zero_stage}" + (" + optimizer offload to CPU" if
+                 b.ds_config and b.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
+                 else "") if b.uses_deepspeed else "plain Accelerate (no DeepSpeed)"
+        log.info("%s %s, %.2fM parameters; %d process(es) on %s; %s; precision %s", cfg.model.type, cfg.output_dir,
+                 params / 1e6, b.world_size, b.accelerator.device, engine, b.precision)
+        log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
+                 "accumulation %d x %d processes); resume at epoch %d step %d", self.train_index.num_rows,
+                 len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,
+                 plan.micro_batch, plan.grad_accum, b.world_size, self.state.epoch + 1, self.state.step)
