@@ -1,0 +1,36 @@
+"""Helpers shared by tests: tiny-model options, task options, and running the real CLI / launcher."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY = REPO / "train_low_mem.py"
+
+# A 2-layer, d_model 64 model: trains in seconds, still a real T5/GPT.
+TINY_MODEL = [
+    "--model.d_model=64", "--model.d_ff=128", "--model.num_heads=2", "--model.num_layers=2",
+    "--model.num_decoder_layers=2",
+]
+
+
+def task_options(task: dict[str, Path], out: Path) -> list[str]:
+    return [f"--train_file={task['train']}", f"--validation_file={task['validation']}",
+            f"--tokenizer_dir={task['tokenizer']}", f"--output_dir={out}"]
+
+
+def run_cli(args: list[str], cwd: Path | None = None, timeout: int = 600, env: dict | None = None,
+            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+    """Run train_low_mem.py as a user would (optionally under `accelerate launch ...`)."""
+    full_env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    cmd = (launcher or [sys.executable]) + [str(ENTRY), *args]
+    return subprocess.run(cmd, cwd=cwd or REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+def accelerate_launch(config: str, port: int) -> list[str]:
+    """The launcher prefix for a 2-process DeepSpeed-on-gloo run (a distinct port per test avoids clashes)."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
+            "--main_process_port", str(port)]
