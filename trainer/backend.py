@@ -60,6 +60,14 @@ def launched_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def choose_precision(requested: str) -> str:
     if requested == "auto":
         if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
@@ -130,20 +138,31 @@ def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int) -> Backend:
     plugin = None
     ds_config = None
     if ds_path is not None:
+        if "RANK" not in os.environ:  # one process without a launcher: DeepSpeed would go looking for MPI
+            os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                              MASTER_PORT=str(free_port()))
         ds_config = fill_ds_config(json.loads(ds_path.read_text()), cfg, micro_batch, grad_accum, world, precision)
         plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
-    accelerator = Accelerator(
-        deepspeed_plugin=plugin,
-        mixed_precision="bf16" if precision == "bf16" else ("fp16" if precision == "fp16" else "no"),
-        gradient_accumulation_steps=grad_accum if plugin is None else 1,
-        kwargs_handlers=handlers,
-    )
-    if world > 1 and accelerator.num_processes == 1:
-        raise ConfigError(
-            f"{world} processes were launched but they are not connected (accelerate made DistributedType."
-            f"{accelerator.distributed_type.name} with 1 process each): they would train {world} separate models. "
-            f"On a machine without GPUs run: {WORKING_CPU_COMMAND}"
+    not_connected = (f"{world} processes were launched but they are not connected: they would train {world} separate "
+                     f"models. On a machine without GPUs run: {WORKING_CPU_COMMAND}")
+    try:
+        accelerator = Accelerator(
+            deepspeed_plugin=plugin,
+            mixed_precision="bf16" if precision == "bf16" else ("fp16" if precision == "fp16" else "no"),
+            gradient_accumulation_steps=grad_accum if plugin is None else 1,
+            kwargs_handlers=handlers,
+            # Without CUDA the plain path must say cpu=True, or `--multi_gpu` yields DistributedType.NO: a process
+            # group exists but the model is never wrapped in DDP and every rank trains alone. (DeepSpeed refuses
+            # cpu=True and picks the CPU itself.)
+            cpu=plugin is None and not torch.cuda.is_available(),
         )
+    except (ValueError, RuntimeError) as exc:  # WORLD_SIZE > 1 but no launcher set up a rendezvous
+        if world > 1:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{not_connected} ({reason})") from None
+        raise
+    if world > 1 and (accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.NO):
+        raise ConfigError(f"{not_connected} (accelerate made DistributedType.{accelerator.distributed_type.name})")
     if ds_config is not None and accelerator.distributed_type != DistributedType.DEEPSPEED:
         raise ConfigError(f"DeepSpeed was asked for ({ds_path}) but accelerate set up {accelerator.distributed_type.name}")
     if ds_config is not None:
@@ -166,6 +185,12 @@ def make_optimizer(backend: Backend, model: torch.nn.Module, cfg: RunConfig):
 
 def deepspeed_engine(backend: Backend):
     return backend.accelerator.deepspeed_engine_wrapped.engine if backend.uses_deepspeed else None
+
+
+def accumulation_divisor(backend: Backend) -> int:
+    """What the backend divides each micro-batch loss by: DeepSpeed's count under DeepSpeed, else accelerate's."""
+    engine = deepspeed_engine(backend)
+    return engine.gradient_accumulation_steps() if engine is not None else backend.accelerator.gradient_accumulation_steps
 
 
 def set_batch_plan(backend: Backend, micro_batch: int, grad_accum: int) -> None:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
-from lowmem_train.trainer.backend import Backend, all_reduce, deepspeed_engine
+from lowmem_train.trainer.backend import Backend, accumulation_divisor, all_reduce, deepspeed_engine
 from lowmem_train.trainer.data.encode import IGNORE_INDEX
+from lowmem_train.trainer.memory.faults import OOM_FAULT
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "decoder_input_ids")
 
@@ -88,25 +90,65 @@ def set_lr(optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+class StepOutOfMemory(RuntimeError):
+    """Some rank ran out of memory in a forward pass; raised on every rank at the same point."""
+
+
+OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
+
+
+def forward_agreed(backend: Backend, model, piece: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Forward one micro-batch, then agree with all ranks that nobody ran out of memory.
+
+    The agreement sits between forward and backward on purpose: backward is where gradient collectives
+    run, so a rank that failed its forward must be known to all before anyone enters backward.
+    """
+    try:
+        OOM_FAULT.before_forward(piece["input_ids"].shape[0], backend.rank)
+        loss, failed = token_loss_sum(model, piece), 0.0
+    except OOM_ERRORS:
+        loss, failed = None, 1.0
+    if all_reduce(backend, [failed], "max")[0] if backend.world_size > 1 else failed:
+        raise StepOutOfMemory
+    return loss
+
+
 def train_step(backend: Backend, model, optimizer, batch: dict[str, torch.Tensor], grad_accum: int, lr: float,
-               max_grad_norm: float) -> StepResult:
+               max_grad_norm: float, on_oom: Callable[[], int] | None = None) -> StepResult:
+    """One optimizer step over this rank's rows of the global batch.
+
+    On an out-of-memory error in a forward pass, `on_oom()` (the memory guard) returns the new, smaller
+    micro-batch; the rows not yet processed are cut finer and the SAME step goes on. Rows already through
+    backward keep their exact gradients, so the update equals that of a run that used the smaller
+    micro-batch from the start. Every rank cuts the same number of pieces, so collectives stay matched.
+    """
     accelerator = backend.accelerator
-    pieces = split_micro_batches(batch, grad_accum)
-    local_tokens = sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pieces)
-    tokens = all_reduce(backend, [local_tokens])[0]  # one tiny all-reduce per step
-    scale = grad_accum * backend.world_size / max(tokens, 1.0)
+    pending = split_micro_batches(batch, grad_accum)
+    micro = -(-batch["input_ids"].shape[0] // grad_accum)
+    tokens = all_reduce(backend, [sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pending)])[0]
     set_lr(optimizer, lr)
     loss_sum = 0.0
-    for i, piece in enumerate(pieces):
-        last = i == len(pieces) - 1
-        piece = {k: v.to(accelerator.device, non_blocking=True) for k, v in piece.items()}
+    while pending:
+        piece = {k: v.to(accelerator.device, non_blocking=True) for k, v in pending[0].items()}
+        last = len(pending) == 1
         # DeepSpeed steps inside backward() on the piece marked as the accumulation boundary.
         accelerator.gradient_state._set_sync_gradients(last)
         sync = contextlib.nullcontext() if last or backend.uses_deepspeed else accelerator.no_sync(model)
         with sync:
-            loss = token_loss_sum(model, piece)
-            accelerator.backward(loss * scale)
+            try:
+                loss = forward_agreed(backend, model, piece)
+            except StepOutOfMemory:
+                del piece
+                if on_oom is None:
+                    raise
+                new_micro = on_oom()
+                pending = [sub for old in pending for sub in split_micro_batches(old, max(1, micro // new_micro))]
+                micro = new_micro
+                continue
+            # The backend divides by its accumulation count, whatever it is now (the guard may change it).
+            accelerator.backward(loss * (accumulation_divisor(backend) * backend.world_size / max(tokens, 1.0)))
         loss_sum += float(loss.detach())
+        pending.pop(0)
     grad_norm = finish_step(backend, model, optimizer, max_grad_norm)
     return StepResult(loss=all_reduce(backend, [loss_sum])[0] / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr)
 

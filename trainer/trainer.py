@@ -24,13 +24,14 @@ from torch.utils.data import DataLoader
 from lowmem_train.config.loader import save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model.build import build_model, count_parameters
-from lowmem_train.trainer.backend import make_backend, make_optimizer
+from lowmem_train.trainer.backend import all_reduce, launched_world_size, make_backend, make_optimizer
 from lowmem_train.trainer.checkpoint import Checkpointer, TrainState
 from lowmem_train.trainer.data.dataset import LowMemDataset
 from lowmem_train.trainer.data.encode import EncodeStats, Encoder
 from lowmem_train.trainer.data.setup import load_datasets
 from lowmem_train.trainer.evaluate import EvalResult, Evaluator
 from lowmem_train.trainer.memory.guard import MemoryGuard
+from lowmem_train.trainer.memory.policy import OutOfMemoryGiveUp
 from lowmem_train.trainer.run_log import RunLog
 from lowmem_train.trainer.schedule import lr_at
 from lowmem_train.trainer.step import train_step
@@ -59,11 +60,8 @@ class Trainer:
         cfg, state = self.cfg, self.state
         try:
             while state.epoch < cfg.epochs and not self.should_stop():
-                self.dataset.load_state_dict(state.position())
-                steps = self.dataset.steps_per_epoch()
-                self.run_log.start_epoch(state.epoch, cfg.epochs, steps, self.dataset.first_step())
-                for batch in self.loader:
-                    self.check_alignment(batch)
+                self.run_log.start_epoch(state.epoch, cfg.epochs, self.dataset.steps_per_epoch(), self.step_in_epoch())
+                for batch in self.epoch_batches():
                     self.one_step(batch)
                     if self.should_stop():
                         break
@@ -73,24 +71,29 @@ class Trainer:
             if self.stop.flag:
                 return self.interrupted()
             return self.finish()
+        except OutOfMemoryGiveUp as exc:
+            self.save()  # the state before the failed step: nothing of it was applied
+            log.error("error: %s. Checkpoint saved; resume with --is_keep_training=True after freeing memory", exc)
+            return FitResult(self.state.step, self.last_eval, False, None, exit_code=3)
         finally:
             self.stop.restore()
             self.run_log.close()
 
     def one_step(self, batch: dict) -> None:
-        cfg, state, plan = self.cfg, self.state, self.guard.plan
+        cfg, state = self.cfg, self.state
         lr = lr_at(state.step, self.total_steps, cfg)
-        result = self.guard.run_step(lambda p: train_step(self.backend, self.model, self.optimizer, batch,
-                                                           p.grad_accum, lr, cfg.max_grad_norm))
+        result = train_step(self.backend, self.model, self.optimizer, batch, self.guard.plan.grad_accum, lr,
+                            cfg.max_grad_norm, on_oom=lambda: self.guard.on_oom(state.step).micro_batch)
         state.step += 1
         state.samples_seen += self.global_batch
         self.stats.add(EncodeStats(*batch["stats"].tolist()))
         rate = self.run_log.step(self.global_batch, result.loss, lr, result.grad_norm)
         if state.step % cfg.logging_steps == 0:
+            plan = self.guard.plan
             self.run_log.write("train", state.step, epoch=state.epoch, loss=result.loss, lr=lr,
                                grad_norm=result.grad_norm, samples_per_s=rate, tokens=result.tokens,
                                micro_batch=plan.micro_batch, grad_accum=plan.grad_accum)
-        self.guard.after_step(state.step)
+        self.guard.after_step(state.step, self.run_log)
         if cfg.eval_steps and state.step % cfg.eval_steps == 0:
             self.evaluate()
         if state.step % cfg.save_steps == 0:
@@ -101,9 +104,8 @@ class Trainer:
         self.log_data_stats()
         self.evaluate()
         state.epoch, state.samples_seen = state.epoch + 1, 0
-        new_plan = self.guard.at_epoch_end(state.epoch)
-        if new_plan is not None:
-            self.loader = self.make_loader()
+        if self.guard.at_epoch_end(state.step):
+            self.guard.take_loader_change()  # the next epoch builds its loader from the new plan anyway
         self.save()
 
     def interrupted(self) -> FitResult:
@@ -129,12 +131,36 @@ class Trainer:
             return True
         return self.stop.requested() or self.stopped_early
 
+    def step_in_epoch(self) -> int:
+        return self.state.samples_seen // self.global_batch
+
+    def epoch_batches(self):
+        """This rank's batches from the saved position to the epoch's end, on a DataLoader built from the
+        current plan; rebuilt at the current position when the memory guard changes the loader mid-epoch
+        (host emergency, or a MemoryError while collating, which every rank learns of together)."""
+        while self.step_in_epoch() < self.dataset.steps_per_epoch():
+            self.dataset.load_state_dict(self.state.position())
+            batches = iter(self.make_loader())
+            while True:
+                try:
+                    batch, failed = next(batches, None), 0.0
+                except MemoryError:
+                    batch, failed = None, 1.0
+                if all_reduce(self.backend, [failed], "max")[0]:
+                    self.guard.on_host_memory_error(self.state.step)
+                    break
+                if batch is None:
+                    return
+                self.check_alignment(batch)
+                yield batch
+                if self.guard.take_loader_change():
+                    break
+
     def check_alignment(self, batch: dict) -> None:
         """The loader and the loop must agree on the position; anything else is a bug, so fail loudly."""
-        expected = self.state.samples_seen // self.global_batch
-        if int(batch["step"]) != expected or int(batch["epoch"]) != self.state.epoch:
+        if int(batch["step"]) != self.step_in_epoch() or int(batch["epoch"]) != self.state.epoch:
             raise RuntimeError(f"data loader at epoch {int(batch['epoch'])} step {int(batch['step'])}, "
-                               f"trainer at epoch {self.state.epoch} step {expected}")
+                               f"trainer at epoch {self.state.epoch} step {self.step_in_epoch()}")
 
     def evaluate(self) -> None:
         if self.evaluator is None:
@@ -176,14 +202,12 @@ class Trainer:
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with DataLoader workers
         self.checkpointer = Checkpointer(cfg)
         resume = self.checkpointer.find_resume() if cfg.is_keep_training else None
-        self.guard = MemoryGuard.from_config(cfg, resume.plan if resume else None)
-        plan = self.guard.plan
-        self.backend = make_backend(cfg, plan.micro_batch, plan.grad_accum)
+        self.guard = MemoryGuard.from_config(cfg, resume.plan if resume else None, launched_world_size())
+        self.backend = make_backend(cfg, self.guard.plan.micro_batch, self.guard.plan.grad_accum)
         self.checkpointer.attach(self.backend)
         self.stop = StopSignal(self.backend)
-        self.guard.attach(self.backend)
         world = self.backend.world_size
-        self.global_batch = plan.global_batch(world)
+        self.global_batch = self.guard.plan.global_batch(world)
         data = load_datasets(cfg, self.backend)
         self.tokenizer, self.train_index = data.tokenizer, data.train_index
         self.model = build_model(cfg, self.tokenizer)
@@ -191,14 +215,15 @@ class Trainer:
             self.checkpointer.load_finetune_weights(self.model)
         optimizer = make_optimizer(self.backend, self.model, cfg)
         self.model, self.optimizer = self.backend.accelerator.prepare(self.model, optimizer)
-        self.guard.attach_model(self.model)
+        self.guard.attach(self.backend, self.model, self.out)
         encoder = Encoder(self.tokenizer, cfg.model.type, cfg.max_seq_len, cfg.data.overlong)
         self.dataset = LowMemDataset(self.train_index, encoder, self.tokenizer.pad_token_id, self.global_batch,
                                      self.backend.rank, world, cfg.seed, cfg.data.shuffle_buffer, cfg.data.remainder)
         self.evaluator = None
         if data.validation_index is not None:
             self.evaluator = Evaluator(self.backend, data.validation_index, Encoder(self.tokenizer, cfg.model.type,
-                                       cfg.max_seq_len, "truncate"), 2 * plan.micro_batch, cfg.data.eval_max_samples)
+                                       cfg.max_seq_len, "truncate"), 2 * self.guard.plan.micro_batch,
+                                       cfg.data.eval_max_samples)
         self.total_steps = cfg.epochs * self.dataset.steps_per_epoch()
         if cfg.max_steps:
             self.total_steps = min(self.total_steps, cfg.max_steps)
@@ -207,27 +232,26 @@ class Trainer:
         self.stats = EncodeStats()
         if resume is not None:
             self.state = self.checkpointer.load(resume, self.model, self.optimizer)
-        self.loader = self.make_loader()
         self.run_log = RunLog(self.out, self.backend.is_main)
+        self.guard.preflight(self.state.step)
         if self.backend.is_main:
             save_config(cfg, self.out / "config.yaml")
         self.describe(count_parameters(self.backend.accelerator.unwrap_model(self.model)))
 
     def make_loader(self) -> DataLoader:
-        plan = self.guard.plan
-        workers = plan.num_workers
-        return DataLoader(
-            self.dataset, batch_size=None, num_workers=workers, pin_memory=plan.pin_memory and torch.cuda.is_available(),
-            prefetch_factor=plan.prefetch_factor if workers else None, persistent_workers=False,
-        )
+        kwargs = self.guard.plan.loader_kwargs()
+        kwargs["pin_memory"] = kwargs["pin_memory"] and torch.cuda.is_available()
+        kwargs["batch_size"] = None  # the dataset yields whole per-rank steps already
+        return DataLoader(self.dataset, persistent_workers=False, **kwargs)
 
     def describe(self, params: int) -> None:
         b, cfg, plan = self.backend, self.cfg, self.guard.plan
         engine = f"DeepSpeed ZeRO-{b.zero_stage}" + (" + optimizer offload to CPU" if
                  b.ds_config and b.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
                  else "") if b.uses_deepspeed else "plain Accelerate (no DeepSpeed)"
-        log.info("%s %s, %.2fM parameters; %d process(es) on %s; %s; precision %s", cfg.model.type, cfg.output_dir,
-                 params / 1e6, b.world_size, b.accelerator.device, engine, b.precision)
+        log.info("%s %s, %.2fM parameters; %d process(es) on %s (%s); %s; precision %s", cfg.model.type,
+                 cfg.output_dir, params / 1e6, b.world_size, b.accelerator.device, b.accelerator.distributed_type.name,
+                 engine, b.precision)
         log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
                  "accumulation %d x %d processes); resume at epoch %d step %d", self.train_index.num_rows,
                  len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,

@@ -45,7 +45,8 @@ def main() -> None:
     result = train_step(backend, model, optimizer, batch, args.accum, lr=1e-2, max_grad_norm=0.0)
     state = backend.accelerator.get_state_dict(model)
     if backend.is_main:
-        torch.save({"weights": {k: v.float().cpu() for k, v in state.items()}, "loss": result.loss}, args.out)
+        torch.save({"weights": {k: v.float().cpu() for k, v in state.items()}, "loss": result.loss,
+                    "grad_norm": result.grad_norm}, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,58 @@
+"""Run the real Trainer with the real CLI options, and record per rank what a test needs to check:
+the global sample positions each step consumed, the loss of each step, and the final weights.
+
+    [accelerate launch ...] record_run.py --output_dir OUT [train options...]
+writes OUT/record_rank{R}.pt on every rank.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repo root, for train_low_mem
+
+from lowmem_train.config.cli import parse_run_config
+from lowmem_train.trainer import trainer as trainer_module
+from lowmem_train.trainer.run_log import setup_logging
+from train_low_mem import build_parser
+
+
+class RecordingTrainer(trainer_module.Trainer):
+    def setup(self) -> None:
+        super().setup()
+        self.record = {"steps": [], "losses": []}
+        original = trainer_module.train_step
+
+        def recording_step(*args, **kwargs):
+            result = original(*args, **kwargs)
+            self.record["losses"].append((self.state.step, result.loss))
+            return result
+
+        trainer_module.train_step = recording_step
+
+    def one_step(self, batch: dict) -> None:
+        self.record["steps"].append((self.state.epoch, int(batch["step"]), batch["positions"].tolist()))
+        super().one_step(batch)
+
+
+def main() -> int:
+    cfg, _ = parse_run_config(build_parser(), ["train", *sys.argv[1:]])
+    setup_logging(True)
+    trainer = RecordingTrainer(cfg)
+    result = trainer.fit()
+    state = trainer.backend.accelerator.get_state_dict(trainer.model)
+    trainer.record["weights"] = {k: v.detach().float().cpu().clone() for k, v in (state or {}).items()}
+    if not trainer.record["weights"]:  # non-zero ranks get no state dict from accelerate: read the module
+        net = trainer.backend.accelerator.unwrap_model(trainer.model)
+        trainer.record["weights"] = {k: v.detach().float().cpu().clone() for k, v in net.state_dict().items()}
+    trainer.record["plan"] = trainer.guard.plan.state_dict()
+    trainer.record["exit_code"] = result.exit_code
+    torch.save(trainer.record, Path(cfg.output_dir) / f"record_rank{trainer.backend.rank}.pt")
+    return result.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
