@@ -124,6 +124,8 @@ class RunConfig:
     """On resume, accept a global batch different from the checkpoint's (position rounded down to it)."""
     finetune_from: str = ""
     """Exported model folder (save_pretrained format) used by is_finetune (default: output_dir/final)."""
+    force: bool = False
+    """Train even when the pre-flight memory estimate says the run will not fit."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = run all epochs); handy for smoke runs."""
 

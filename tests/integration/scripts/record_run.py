@@ -39,7 +39,7 @@ class RecordingTrainer(trainer_module.Trainer):
 
 
 def main() -> int:
-    cfg, _ = parse_run_config(build_parser(), ["train", *sys.argv[1:]])
+    cfg, _ = parse_run_config(build_parser(), ["train", *sys.argv[1:]])  # exactly as the CLI would
     setup_logging(True)
     trainer = RecordingTrainer(cfg)
     result = trainer.fit()
