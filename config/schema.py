@@ -127,7 +127,7 @@ class RunConfig:
     force: bool = False
     """Train even when the pre-flight memory estimate says the run will not fit."""
     max_steps: int = 0
-    """Stop after this many optimizer steps in total (0 = run all epochs); handy for smoke runs."""
+    """Stop after this many optimizer steps in total (0 = all epochs); the LR schedule still spans all epochs."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)

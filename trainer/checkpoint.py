@@ -30,6 +30,7 @@ from lowmem_train.trainer.backend import Backend, all_reduce, deepspeed_engine
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
 DS_TAG = "ds"
+DS_UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's layout-free format, for resuming on another number of processes
 
 
 @dataclass
@@ -112,6 +113,25 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             pass
     return out
+
+
+def convert_to_universal(source: Path, target: Path) -> None:
+    """DeepSpeed's converter, into a temporary folder renamed when complete (a crash leaves no half target)."""
+    import subprocess
+    import sys
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    # --inject_missing_state: plain HF models lack the metadata the converter asks for (it is only
+    # written for tensor-parallel models); the converter can infer it for data parallelism.
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(source),
+           "--output_folder", str(tmp), "--inject_missing_state"]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    if run.returncode != 0:
+        tail = (run.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ConfigError(f"{source}: conversion to a universal checkpoint failed ({tail}); resume with the "
+                          "original number of processes instead")
+    tmp.rename(target)
 
 
 def dir_size(path: Path) -> int:
@@ -247,19 +267,16 @@ class Checkpointer:
     def load(self, point: ResumePoint, model, optimizer) -> TrainState:
         backend = self.backend
         state = point.state
-        self.check_compatible(point)
         engine = deepspeed_engine(backend)
         saved_with_ds = (point.path / "model" / DS_TAG).is_dir()
         if saved_with_ds != (engine is not None):
             raise ConfigError(f"{point.path} was saved {'with' if saved_with_ds else 'without'} DeepSpeed; resume "
                               f"with the same --deepspeed_config, or export it and use --is_finetune")
         if engine is not None:
-            if state.world_size != backend.world_size:
-                raise ConfigError(f"{point.path} holds DeepSpeed optimizer shards of {state.world_size} process(es); "
-                                  f"resume it with {state.world_size}, or export it and use --is_finetune")
-            engine.load_checkpoint(str(point.path / "model"), tag=DS_TAG, load_optimizer_states=True,
+            tag = DS_UNIVERSAL_TAG if state.world_size != backend.world_size else DS_TAG
+            engine.load_checkpoint(str(point.path / "model"), tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=False, load_module_strict=True)
-        else:
+        else:  # full (unsharded) states: any number of processes can load them
             load_model(backend.accelerator.unwrap_model(model), str(point.path / "model" / "model.safetensors"))
             optimizer.load_state_dict(torch.load(point.path / "model" / "optimizer.pt", weights_only=True,
                                                  map_location="cpu"))
@@ -271,6 +288,23 @@ class Checkpointer:
         log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch", point.path.name, state.epoch + 1,
                  state.step, state.samples_seen)
         return state
+
+    def prepare_world_size_change(self, point: ResumePoint) -> None:
+        """Before the engine exists: a DeepSpeed checkpoint from another number of processes is converted once
+        to DeepSpeed's universal format (ZeRO shards are tied to the process count), and the engine is told
+        to load that format. Exact for weights and Adam moments (checked 2->1 and 1->2 on ZeRO-2 offload)."""
+        backend = self.backend
+        if not backend.uses_deepspeed or point.state.world_size == backend.world_size:
+            return
+        if backend.zero_stage not in (1, 2, 3):
+            raise ConfigError(f"{point.path}: resuming on {backend.world_size} processes needs ZeRO stage 1-3")
+        target = point.path / "model" / DS_UNIVERSAL_TAG
+        if backend.is_main and not target.is_dir():
+            convert_to_universal(point.path / "model" / DS_TAG, target)
+        backend.accelerator.wait_for_everyone()
+        backend.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+        log.info("checkpoint %s was written by %d process(es); loading its universal form on %d",
+                 point.path.name, point.state.world_size, backend.world_size)
 
     def check_compatible(self, point: ResumePoint) -> None:
         """Fields that would silently corrupt a resumed run must match the checkpoint's; the rest may change."""

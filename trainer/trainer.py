@@ -210,6 +210,9 @@ class Trainer:
         self.global_batch = self.guard.plan.global_batch(world)
         data = load_datasets(cfg, self.backend)
         self.tokenizer, self.train_index = data.tokenizer, data.train_index
+        if resume is not None:
+            self.checkpointer.check_compatible(resume)
+            self.checkpointer.prepare_world_size_change(resume)
         self.model = build_model(cfg, self.tokenizer)
         if cfg.is_finetune:
             self.checkpointer.load_finetune_weights(self.model)
@@ -224,25 +227,38 @@ class Trainer:
             self.evaluator = Evaluator(self.backend, data.validation_index, Encoder(self.tokenizer, cfg.model.type,
                                        cfg.max_seq_len, "truncate"), 2 * self.guard.plan.micro_batch,
                                        cfg.data.eval_max_samples)
+        # The schedule spans all epochs; max_steps only stops early, so a later resume continues it exactly.
         self.total_steps = cfg.epochs * self.dataset.steps_per_epoch()
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
         self.state = TrainState(world_size=world, global_batch=self.global_batch)
         self.last_eval, self.last_eval_step, self.stopped_early = None, -1, False
         self.stats = EncodeStats()
         if resume is not None:
-            self.state = self.checkpointer.load(resume, self.model, self.optimizer)
+            self.resume_from(resume)
         self.run_log = RunLog(self.out, self.backend.is_main)
         self.guard.preflight(self.state.step)
         if self.backend.is_main:
             save_config(cfg, self.out / "config.yaml")
         self.describe(count_parameters(self.backend.accelerator.unwrap_model(self.model)))
 
+    def resume_from(self, resume) -> None:
+        state = self.checkpointer.load(resume, self.model, self.optimizer)
+        if state.global_batch != self.global_batch:  # only with --allow_batch_change
+            rounded = state.samples_seen // self.global_batch * self.global_batch
+            log.warning("global batch %d -> %d: data position %d rounded down to %d (%d samples seen twice)",
+                        state.global_batch, self.global_batch, state.samples_seen, rounded, state.samples_seen - rounded)
+            state.samples_seen = rounded
+        state.world_size, state.global_batch = self.backend.world_size, self.global_batch
+        self.state = state
+        self.stopped_early = bool(self.cfg.patience and state.bad_evals >= self.cfg.patience)
+
     def make_loader(self) -> DataLoader:
         kwargs = self.guard.plan.loader_kwargs()
         kwargs["pin_memory"] = kwargs["pin_memory"] and torch.cuda.is_available()
         kwargs["batch_size"] = None  # the dataset yields whole per-rank steps already
-        return DataLoader(self.dataset, persistent_workers=False, **kwargs)
+        # Its own generator: creating an iterator must not draw from the global RNG that dropout uses,
+        # or a resumed run (which creates its iterator at another moment) would see other dropout masks.
+        return DataLoader(self.dataset, persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed),
+                          **kwargs)
 
     def describe(self, params: int) -> None:
         b, cfg, plan = self.backend, self.cfg, self.guard.plan
