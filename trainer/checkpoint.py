@@ -26,6 +26,7 @@ from safetensors.torch import load_file, load_model, save_model
 from lowmem_train.config.loader import config_from_dict, config_to_dict, save_config
 from lowmem_train.config.schema import ConfigError, RunConfig
 from lowmem_train.trainer.backend import Backend, all_reduce, deepspeed_engine
+from lowmem_train.trainer.cpu_adam_resume import replay_bias_correction
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
@@ -276,6 +277,7 @@ class Checkpointer:
             tag = DS_UNIVERSAL_TAG if state.world_size != backend.world_size else DS_TAG
             engine.load_checkpoint(str(point.path / "model"), tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=False, load_module_strict=True)
+            replay_bias_correction(engine)
         else:  # full (unsharded) states: any number of processes can load them
             load_model(backend.accelerator.unwrap_model(model), str(point.path / "model" / "model.safetensors"))
             optimizer.load_state_dict(torch.load(point.path / "model" / "optimizer.pt", weights_only=True,
