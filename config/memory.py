@@ -16,7 +16,7 @@ class MemoryConfig:
     adaptive: bool = True
     """Let the memory guard re-tune the plan at epoch boundaries (false: keep the starting plan)."""
     probe_every: int = 10
-    """Optimizer steps between memory samples."""
+    """Optimizer steps between memory samples (0 = never sample: no re-planning, no memory.jsonl samples)."""
     host_budget_gb: float = 0.0
     """Most host RAM this job may use on one machine, all local ranks and workers together, in GB (0 = no budget)."""
     max_oom_retries: int = 3
@@ -43,8 +43,8 @@ class MemoryConfig:
     def validate(self) -> None:
         from lowmem_train.config.schema import ConfigError
 
-        if self.probe_every < 1:
-            raise ConfigError(f"--memory.probe_every must be at least 1 (got {self.probe_every})")
+        if self.probe_every < 0:
+            raise ConfigError(f"--memory.probe_every must be 0 (off) or more (got {self.probe_every})")
         if self.host_budget_gb < 0:
             raise ConfigError(f"--memory.host_budget_gb must be 0 (off) or more (got {self.host_budget_gb})")
         if self.max_oom_retries < 0:

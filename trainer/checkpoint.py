@@ -27,6 +27,7 @@ from lowmem_train.config.loader import config_from_dict, config_to_dict, save_co
 from lowmem_train.config.schema import ConfigError, RunConfig
 from lowmem_train.trainer.backend import Backend, all_reduce, deepspeed_engine
 from lowmem_train.trainer.cpu_adam_resume import replay_bias_correction
+from lowmem_train.trainer.faults import KILL_IN_SAVE
 
 log = logging.getLogger(__name__)
 STATE_FILE = "train_state.json"
@@ -202,6 +203,7 @@ class Checkpointer:
             save_model(acc.unwrap_model(model), str(tmp / "model" / "model.safetensors"))  # handles tied weights
             torch.save(optimizer.state_dict(), tmp / "model" / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng" / f"rank_{backend.rank:05d}.pt")
+        KILL_IN_SAVE.after_files_written()
         acc.wait_for_everyone()
         if backend.is_main:
             self._commit(tmp, final, state)
@@ -261,8 +263,12 @@ class Checkpointer:
         for p in ckpts:
             if p not in keep:
                 shutil.rmtree(p, ignore_errors=True)
-        for debris in self.root.glob(".step_*.tmp"):
+        newest = ckpts[0].name if ckpts else ""
+        for debris in [*self.root.glob(".step_*.tmp"), *self.root.glob(".ds_universal.tmp")]:
             shutil.rmtree(debris, ignore_errors=True)
+        for half in self.root.glob("step_*"):  # a killed prune can leave a folder without its marker
+            if half.is_dir() and not (half / STATE_FILE).is_file() and half.name < newest:
+                shutil.rmtree(half, ignore_errors=True)
 
     # ---- loading ---------------------------------------------------------------------------------------------
     def load(self, point: ResumePoint, model, optimizer) -> TrainState:

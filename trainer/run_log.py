@@ -31,6 +31,21 @@ def setup_logging(is_main: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def open_jsonl(path: Path):
+    """Open a JSON-lines file for appending, first cutting a torn last line left by a killed run."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    size = path.stat().st_size if path.is_file() else 0
+    if size:
+        with open(path, "rb+") as f:
+            f.seek(size - 1)
+            if f.read(1) != b"\n":  # only the tail is read: the file may be long
+                tail_start = max(0, size - (1 << 20))
+                f.seek(tail_start)
+                tail = f.read()
+                f.truncate(tail_start + tail.rfind(b"\n") + 1)
+    return open(path, "a", encoding="utf-8")
+
+
 class RunLog:
     def __init__(self, out_dir: Path, enabled: bool):
         self.enabled = enabled
@@ -40,7 +55,7 @@ class RunLog:
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics = open(out_dir / "metrics.jsonl", "a", encoding="utf-8")
+        self.metrics = open_jsonl(out_dir / "metrics.jsonl")
         try:
             from torch.utils.tensorboard import SummaryWriter
 

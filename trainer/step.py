@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from lowmem_train.trainer.backend import Backend, accumulation_divisor, all_reduce, deepspeed_engine
 from lowmem_train.trainer.data.encode import IGNORE_INDEX
-from lowmem_train.trainer.memory.faults import OOM_FAULT
+from lowmem_train.trainer.faults import OOM_FAULT
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "decoder_input_ids")
 

@@ -30,7 +30,9 @@ from lowmem_train.trainer.data.dataset import LowMemDataset
 from lowmem_train.trainer.data.encode import EncodeStats, Encoder
 from lowmem_train.trainer.data.setup import load_datasets
 from lowmem_train.trainer.evaluate import EvalResult, Evaluator
+from lowmem_train.trainer.memory.estimate import check_fits
 from lowmem_train.trainer.memory.guard import MemoryGuard
+from lowmem_train.trainer.memory.snapshot import memory_snapshot
 from lowmem_train.trainer.memory.policy import OutOfMemoryGiveUp
 from lowmem_train.trainer.run_log import RunLog
 from lowmem_train.trainer.schedule import lr_at
@@ -103,6 +105,11 @@ class Trainer:
         state = self.state
         self.log_data_stats()
         self.evaluate()
+        if self.backend.is_main:  # before the guard's decision, which consumes the epoch's samples
+            snap = memory_snapshot(self.model, self.optimizer, self.backend, self.guard.probe, self.guard.samples,
+                                   state.step)
+            log.info("%s", snap.describe())
+            self.guard.journal_line(snap.to_record())
         state.epoch, state.samples_seen = state.epoch + 1, 0
         if self.guard.at_epoch_end(state.step):
             self.guard.take_loader_change()  # the next epoch builds its loader from the new plan anyway
@@ -204,6 +211,10 @@ class Trainer:
         resume = self.checkpointer.find_resume() if cfg.is_keep_training else None
         self.guard = MemoryGuard.from_config(cfg, resume.plan if resume else None, launched_world_size())
         self.backend = make_backend(cfg, self.guard.plan.micro_batch, self.guard.plan.grad_accum)
+        # Pre-flight: refuse a run that cannot fit before anything heavy exists (all ranks reach one verdict).
+        fit = check_fits(cfg, self.backend.world_size, self.guard.plan,
+                         agree=lambda bad: all_reduce(self.backend, [bad], "max")[0])
+        (log.info if fit.fits else log.warning)("%s", fit.line)
         self.checkpointer.attach(self.backend)
         self.stop = StopSignal(self.backend)
         world = self.backend.world_size
@@ -235,6 +246,8 @@ class Trainer:
         if resume is not None:
             self.resume_from(resume)
         self.run_log = RunLog(self.out, self.backend.is_main)
+        if resume is not None:  # metrics of steps after this checkpoint (from a killed run) are superseded
+            self.run_log.write("resume", self.state.step, epoch=self.state.epoch, checkpoint=resume.path.name)
         self.guard.preflight(self.state.step)
         if self.backend.is_main:
             save_config(cfg, self.out / "config.yaml")

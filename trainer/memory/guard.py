@@ -27,6 +27,7 @@ from lowmem_train.trainer.backend import Backend, set_batch_plan
 from lowmem_train.trainer.memory.policy import (Decision, OutOfMemoryGiveUp, Plan, PolicyState, decide, divisors,
                                                 emergency, on_oom, shed_loader)
 from lowmem_train.trainer.memory.probe import GB, MemoryProbe, MemorySample
+from lowmem_train.trainer.run_log import open_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ class MemoryGuard:
         self.backend: Backend | None = None
         self.model = None
         self.probe = MemoryProbe.from_config(cfg.memory)
-        self.journal: Path | None = None
+        self.journal = None  # output_dir/memory.jsonl, open on rank 0
 
     @classmethod
     def from_config(cls, cfg: RunConfig, saved: dict | None, world_size: int) -> "MemoryGuard":
@@ -74,7 +75,7 @@ class MemoryGuard:
 
     def attach(self, backend: Backend, model, out_dir: Path) -> None:
         self.backend, self.model = backend, model
-        self.journal = out_dir / "memory.jsonl" if backend.is_main else None
+        self.journal = open_jsonl(out_dir / "memory.jsonl") if backend.is_main else None
         self.apply_compute(self.plan)
 
     def state_dict(self) -> dict:
@@ -83,7 +84,8 @@ class MemoryGuard:
 
     # ---- sampling ----------------------------------------------------------------------------------------
     def after_step(self, step: int, run_log) -> None:
-        if step % self.cfg.memory.probe_every:
+        every = self.cfg.memory.probe_every
+        if not every or step % every:
             return
         worst = self.gather_worst(self.probe.sample(step))
         self.samples.append(worst)
@@ -109,9 +111,8 @@ class MemoryGuard:
             numbers.update({"gpu_used_gb": max(s.gpu_used) / GB, "gpu_used_fraction": s.gpu_used_fraction})
         if s.torch_max_allocated is not None:
             numbers["torch_peak_gb"] = s.torch_max_allocated / GB
-        with open(self.journal, "a", encoding="utf-8") as f:
-            f.write(json.dumps({"kind": "sample", "step": s.step, **{k: round(v, 4) for k, v in numbers.items()},
-                                "sample": [None if v != v else v for v in s.to_vector()], "plan": self.plan.state_dict()}) + "\n")
+        self.journal_line({"kind": "sample", "step": s.step, **{k: round(v, 4) for k, v in numbers.items()},
+                           "sample": [None if v != v else v for v in s.to_vector()], "plan": self.plan.state_dict()})
         run_log.write("memory", s.step, **numbers)
 
     # ---- decisions -------------------------------------------------------------------------------------------
@@ -165,16 +166,20 @@ class MemoryGuard:
             self.loader_changed = True
         self.apply_compute(self.plan)
         log.warning("memory plan %s: %s -> %s", when, decision.reason, self.plan.describe())
-        if self.journal is not None:
-            with open(self.journal, "a", encoding="utf-8") as f:
-                f.write(json.dumps({"kind": "plan", "step": step, "when": when, "reason": decision.reason,
-                                    "plan": self.plan.state_dict()}) + "\n")
+        self.journal_line({"kind": "plan", "step": step, "when": when, "reason": decision.reason,
+                           "plan": self.plan.state_dict()})
 
     def apply_compute(self, plan: Plan) -> None:
         set_batch_plan(self.backend, plan.micro_batch, plan.grad_accum)
         net = self.backend.accelerator.unwrap_model(self.model)
         if bool(getattr(net, "is_gradient_checkpointing", False)) != plan.gradient_checkpointing:
             set_gradient_checkpointing(net, plan.gradient_checkpointing)
+
+    def journal_line(self, record: dict) -> None:
+        """One line of output_dir/memory.jsonl (rank 0 only), flushed: a killed run keeps what it measured."""
+        if self.journal is not None:
+            self.journal.write(json.dumps(record) + "\n")
+            self.journal.flush()
 
     def take_loader_change(self) -> bool:
         changed, self.loader_changed = self.loader_changed, False

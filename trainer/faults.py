@@ -1,0 +1,55 @@
+"""Fault injection for tests: the narrow seams through which a test makes rare failures happen on demand.
+
+    LOWMEM_FAULT_OOM="micro_batch_over=4[,rank=1][,times=N]"
+A CUDA out-of-memory error cannot happen on a machine without a GPU: every forward pass of a micro-batch with
+more than 4 rows (on that rank only, at most N times) raises torch.OutOfMemoryError, the very exception torch
+raises on a GPU.
+
+    LOWMEM_FAULT_KILL_IN_SAVE=N
+The N-th checkpoint save of the process SIGKILLs it after the model and optimizer files are written and before
+the completion marker: the worst moment for a crash, hard to hit with a random kill.
+
+Unset (always, outside tests), each check is a single attribute read.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import torch
+
+ENV = "LOWMEM_FAULT_OOM"
+
+
+class OomFault:
+    def __init__(self, spec: str | None):
+        fields = dict(part.split("=", 1) for part in spec.split(",")) if spec else {}
+        self.active = bool(fields)
+        self.micro_batch_over = int(fields.get("micro_batch_over", 0))
+        self.rank = int(fields["rank"]) if "rank" in fields else None
+        self.times = int(fields.get("times", 1_000_000))
+
+    def before_forward(self, rows: int, rank: int) -> None:
+        if not self.active or self.times <= 0:
+            return
+        if rows > self.micro_batch_over and (self.rank is None or self.rank == rank):
+            self.times -= 1
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {ENV} for a micro-batch of {rows} rows)")
+
+
+OOM_FAULT = OomFault(os.environ.get(ENV))
+
+
+class KillInSave:
+    def __init__(self, spec: str | None):
+        self.countdown = int(spec) if spec else 0
+
+    def after_files_written(self) -> None:
+        if self.countdown:
+            self.countdown -= 1
+            if self.countdown == 0:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+KILL_IN_SAVE = KillInSave(os.environ.get("LOWMEM_FAULT_KILL_IN_SAVE"))

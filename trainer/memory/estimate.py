@@ -1,0 +1,187 @@
+"""The `estimate` command and the pre-flight check `train` runs first (footprint.py does the counting).
+
+    python train_low_mem.py estimate --config t5_small [--num_processes 2] [--key=value ...]
+
+prints parameters, bytes per parameter, activations per sample, host RAM and GPU memory per rank and per
+machine, what this machine has (the MemoryProbe's job_available: host, cgroup, Slurm or budget) and a
+recommended starting plan: the configured one if it fits, else the first plan down the policy's own
+shedding ladders (workers, prefetch, pin_memory, then micro-batch and checkpointing) that fits.
+`check_fits` is the same comparison as one line, raised as a ConfigError unless --force.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lowmem_train.config.schema import ConfigError, RunConfig
+from lowmem_train.trainer.memory.footprint import LAUNCHER, Estimate, estimate, estimate_for_plan
+from lowmem_train.trainer.memory.probe import GB, MB
+
+HELP = "estimate host RAM and GPU memory a run needs, compare with this machine, recommend a starting plan"
+USES_RUN_CONFIG = True
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What this machine gives the run: host bytes it may use (job_available + what the caller holds already)."""
+
+    host: int
+    host_note: str
+    gpu: int | None  # the smallest visible GPU's total; None without a GPU
+
+
+@dataclass(frozen=True)
+class FitReport:
+    estimate: Estimate
+    capacity: Capacity
+    fits: bool
+    line: str  # the one line printed or raised
+
+
+def machine_capacity(cfg: RunConfig, probe=None) -> Capacity:
+    """job_available (the least of host, cgroup, Slurm and budget headroom) plus what the calling process holds:
+    its memory is part of what the run will use (a rank) or is given back (the estimate command)."""
+    from lowmem_train.trainer.memory.probe import MemoryProbe
+
+    probe = probe or MemoryProbe.from_config(cfg.memory)
+    s = probe.sample(0)
+    held = probe.ranks_on_node * s.tree_pss
+    binding = min([("host available", s.host_available)]
+                  + ([("cgroup limit", s.cgroup_limit - (s.cgroup_usage or 0))] if s.cgroup_limit else [])
+                  + [(name, lim - held) for name, lim in (("Slurm allocation", s.slurm_limit),
+                                                           ("--memory.host_budget_gb", s.budget)) if lim],
+                  key=lambda kv: kv[1])[0]
+    gpus = [t for t in s.gpu_total if t]
+    note = f"{binding}; host total {s.host_total / GB:.1f} GB"
+    host = s.job_available + held
+    for limit in (s.slurm_limit, s.budget):  # job_available is clamped at 0, so cap by the limit itself too
+        if limit:
+            host = min(host, limit)
+    return Capacity(host, note, min(gpus) if gpus else None)
+
+
+def fits(est: Estimate, cap: Capacity, headroom: int = 0) -> bool:
+    return est.host_node + headroom <= cap.host and (not est.engine.gpu or cap.gpu is None or est.gpu_rank <= cap.gpu)
+
+
+def recommend(cfg: RunConfig, est: Estimate, cap: Capacity):
+    """The first plan down the policy's ladders (loader first, then compute; GPU pressure: compute first) that fits
+    with host_low_gb to spare (less would make the guard shed at once), else with no spare. None: nothing fits."""
+    spare = int(cfg.memory.host_low_gb * GB)
+    return walk_down(cfg, est, cap, spare) or walk_down(cfg, est, cap, 0)
+
+
+def walk_down(cfg: RunConfig, est: Estimate, cap: Capacity, spare: int):
+    from lowmem_train.trainer.memory.policy import apply_caps, shed_loader, shrink_compute
+
+    plan, _ = apply_caps(est.plan, cap.host, cfg.memory)
+    for _ in range(64):
+        candidate = estimate_for_plan(cfg, est.shape, est.engine, plan)
+        if fits(candidate, cap, spare):
+            return candidate
+        gpu_short = est.engine.gpu and cap.gpu is not None and candidate.gpu_rank > cap.gpu
+        step = (shrink_compute(plan) if gpu_short else None) or shed_loader(plan) or shrink_compute(plan)
+        if step is None:
+            return None
+        plan = step[0]
+    return None
+
+
+def plan_options(plan, start=None) -> str:
+    """The command-line options that turn `start` (default: nothing) into `plan`."""
+    options = []
+    if start is None or (plan.micro_batch, plan.grad_accum) != (start.micro_batch, start.grad_accum):
+        options += [f"--batch_size_per_gpu={plan.micro_batch}", f"--gradient_accumulation_steps={plan.grad_accum}"]
+    if start is None or plan.num_workers != start.num_workers:
+        options.append(f"--data.num_workers={plan.num_workers}")
+    if plan.num_workers and (start is None or plan.prefetch_factor != start.prefetch_factor):
+        options.append(f"--data.prefetch_factor={plan.prefetch_factor}")
+    if start is None or plan.pin_memory != start.pin_memory:
+        options.append(f"--data.pin_memory={str(plan.pin_memory).lower()}")
+    if start is None or plan.gradient_checkpointing != start.gradient_checkpointing:
+        options.append(f"--gradient_checkpointing={str(plan.gradient_checkpointing).lower()}")
+    return " ".join(options)
+
+
+def check_fits(cfg: RunConfig, world_size: int | None = None, plan=None, probe=None, agree=None) -> FitReport:
+    """The check `train` runs first. Raises ConfigError (one line: needed vs available, what to change) when the
+    run cannot fit, unless cfg.force. `agree(bad: float) -> float` (an all-reduce max) makes every rank decide
+    alike, so that no rank starts while another refuses."""
+    est = estimate(cfg, world_size, plan)
+    cap = machine_capacity(cfg, probe)
+    ok = fits(est, cap)
+    if agree is not None:
+        ok = not agree(0.0 if ok else 1.0)
+    need = f"needs {est.host_node / GB:.2f} GB host RAM"
+    if est.engine.gpu:
+        need += f" and {est.gpu_rank / GB:.2f} GB per GPU"
+    have = f"{cap.host / GB:.2f} GB available ({cap.host_note})" + (
+        f" and {cap.gpu / GB:.1f} GB GPUs" if cap.gpu is not None else "")
+    if ok:
+        return FitReport(est, cap, True, f"memory check: {need}; {have}")
+    better = recommend(cfg, est, cap)
+    change = (f"try {plan_options(better.plan, est.plan)} (needs {better.host_node / GB:.2f} GB)" if better else
+              "no plan fits: lower --max_seq_len or the model size, or free memory")
+    line = f"this run {need} but {have}: {change}, or --force to skip this check"
+    if not cfg.force:
+        raise ConfigError(line)
+    return FitReport(est, cap, False, f"memory check skipped (--force): {line}")
+
+
+# ---- the command ---------------------------------------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("--num_processes", type=int, default=None, metavar="N",
+                        help="processes the run will use (default: the launched world size, else 1)")
+
+
+def gb(n: float) -> str:
+    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / MB:.0f} MB"
+
+
+def render(est: Estimate, cap: Capacity, better, cfg: RunConfig) -> str:
+    e, s, plan = est.engine, est.shape, est.plan
+    per_param = " + ".join(f"{p.name} {p.per_param:g}" + (" (host)" if p.where == "host" and e.gpu else "")
+                           for p in est.states)
+    total = sum(p.per_param for p in est.states)
+    ckpt = "on" if plan.gradient_checkpointing else "off"
+    workers = e.local_ranks * plan.num_workers
+    lines = [
+        f"model        {cfg.model.type}, {s.params / 1e6:.2f}M parameters (largest layer {s.largest_layer / 1e6:.2f}M), "
+        f"vocabulary {s.vocab} from {s.vocab_source}",
+        f"engine       {e.describe()}",
+        f"bytes/param  {per_param} = {total:g} B per parameter per rank = {gb(total * s.params)}",
+    ]
+    if est.deepspeed_says:
+        lines.append(f"             DeepSpeed's estimator: {est.deepspeed_says}")
+    lines += [
+        f"activations  {gb(est.activation_sample)} per sample at max_seq_len {cfg.max_seq_len} (checkpointing {ckpt}; "
+        f"{'off' if ckpt == 'on' else 'on'}: {gb(est.activation_other)}); x micro-batch {plan.micro_batch} "
+        f"= {gb(est.activation_sample * plan.micro_batch)}",
+        "host RAM     per rank: " + ", ".join(f"{k} {gb(v)}" for k, v in est.host_parts.items()) + f" = {gb(est.host_rank)}",
+        f"             + {workers} DataLoader worker(s) x {gb(est.worker)} (a worker keeps a copy of the host model "
+        f"states it was forked with; first epoch: {gb(est.worker_first_epoch)})"
+        + (f" + launcher {gb(LAUNCHER)}" if e.world_size > 1 else ""),
+        f"             this machine: {gb(est.host_node)} (first epoch {gb(est.host_first_epoch)})",
+        f"GPU memory   {gb(est.gpu_rank) + ' per GPU' if e.gpu else 'none: CPU training, the model lives in host RAM'}",
+        f"available    host {gb(cap.host)} ({cap.host_note}); "
+        + (f"smallest GPU {gb(cap.gpu)}" if cap.gpu is not None else "no GPU"),
+        f"plan now     {plan.describe()}: " + ("fits" if fits(est, cap) else "does NOT fit"),
+    ]
+    spare = cfg.memory.host_low_gb * GB
+    if better is None:
+        lines.append("recommended  nothing fits: lower --max_seq_len or the model size, or use more memory")
+    else:
+        left = cap.host - better.host_node
+        note = "" if left >= spare else f"; under --memory.host_low_gb={cfg.memory.host_low_gb:g}, the guard will shed more"
+        head = "keep it" if better.plan == plan else f"{better.plan.describe()}: {plan_options(better.plan, plan)}"
+        lines.append(f"recommended  {head} ({gb(left)} host RAM to spare{note})")
+    return "\n".join(lines)
+
+
+def run(args, cfg: RunConfig) -> int:
+    if args.num_processes is not None and args.num_processes < 1:
+        raise ConfigError(f"--num_processes must be at least 1 (got {args.num_processes})")
+    est = estimate(cfg, args.num_processes)
+    cap = machine_capacity(cfg)
+    print(render(est, cap, recommend(cfg, est, cap), cfg))
+    return 0
