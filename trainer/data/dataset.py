@@ -8,24 +8,33 @@ steps k with (k - first) % n == w, in the order the DataLoader's round robin ask
 * every sample of an epoch goes to exactly one (rank, worker), and every rank makes the same number of steps;
 * the position is one number, `samples_seen` (= k*G), meaningful whatever the world size, worker count or
   micro-batch was when it was saved; resuming opens the row group holding position k*G (a metadata lookup)
-  and skips at most one row group's rows, never replays batches;
-* memory is one block of decoded rows and one record batch per reader, whatever the file size.
+  and skips at most one row group's rows (decoded by Arrow, not turned into Python), never replays batches;
+* memory is one block of Arrow rows and one record batch per reader, whatever the file or row group size;
+* nothing is read or opened before `__iter__`, i.e. before the DataLoader forks its workers. Each worker
+  decodes every block it touches but converts only its own rows (decoding is the cheap part).
 
 Each item is a whole per-rank step (G/W samples); the trainer cuts it into micro-batches, so a change of
 micro-batch (memory guard, OOM retry) never touches the loader and an OOM retry re-uses the very same rows.
+An item: input_ids, attention_mask, labels (+ decoder_input_ids for t5), positions (tensors), stats (a tensor
+of EncodeStats' fields), step and epoch (ints).
 """
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
+import pyarrow as pa
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lowmem_train.trainer.data.encode import Encoder, collate
-from lowmem_train.trainer.data.source import ParquetIndex, locate, open_parquet, read_unit, release_arrow_memory
+from lowmem_train.trainer.data.source import (DataError, ParquetIndex, batch_rows, locate, open_parquet, read_unit,
+                                               release_arrow_memory)
+
+READ_ROWS = 4096  # rows per record batch read from parquet
 
 
 @dataclass
@@ -64,41 +73,67 @@ class EpochOrder:
 
 
 class BlockReader:
-    """Holds one decoded, permuted block; moves forward through a row group by streaming it."""
+    """Holds one permuted block as Arrow data, and a stream of record batches inside one row group.
 
-    def __init__(self, order: EpochOrder, block_rows: int):
-        self.order, self.block_rows = order, block_rows
-        self.files: dict[str, object] = {}
-        self.block = -1
-        self.rows: list[tuple] = []
-        self._stream: Iterator[tuple] | None = None
-        self._stream_at: tuple[int, int] = (-1, -1)  # (unit, next row) the stream would yield
+    The next block of the same row group continues the stream. Any other move (the first read, a resume,
+    a worker passing over blocks that belong to other workers, padding wrapping to the epoch's start) opens
+    the row group again and skips forward at the Arrow level: at most one row group is decoded, and only
+    the rows this reader yields become Python objects. Memory: one block plus one record batch.
+    """
 
-    def row(self, position: int) -> tuple:
-        block = self.order.block_of(position)
-        if block != self.block:
+    def __init__(self, order: EpochOrder):
+        self.order = order
+        self.file, self.pf = None, None  # the one open file, opened here, i.e. inside the worker
+        self.block, self.table, self.perm = -1, None, None
+        self.stream, self.pending, self.at = None, None, (-1, 0)  # at: (unit, next row of the stream)
+
+    def rows(self, positions: Sequence[int]) -> list[tuple]:
+        """The rows at these global positions, in this order (a step may span two blocks)."""
+        out, starts, i = [], self.order.block_starts, 0
+        while i < len(positions):
+            block = self.order.block_of(positions[i])
+            j = i + 1
+            while j < len(positions) and starts[block] <= positions[j] < starts[block + 1]:
+                j += 1
             self._load(block)
-        return self.rows[position - self.order.block_starts[block]]
+            local = self.perm[np.asarray(positions[i:j]) - starts[block]]
+            out.extend(batch_rows(self.table.take(local)))
+            i = j
+        return out
 
     def _load(self, block: int) -> None:
+        if block == self.block:
+            return
         unit, start, length = self.order.blocks[block]
-        if self._stream_at != (unit, start):  # not the next block of the open row group: (re)open it
-            release_arrow_memory()
-            self._stream, self._stream_at = self._rows_of(unit), (unit, 0)
-        to_skip = start - self._stream_at[1]
-        for _ in range(to_skip):  # at most one row group, only after a seek (resume, padding wrap)
-            next(self._stream)
-        rows = [next(self._stream) for _ in range(length)]
-        self._stream_at = (unit, start + length)
-        perm = self.order.permutation(block)
-        self.rows = [rows[i] for i in perm]
-        self.block = block
+        if self.at[0] != unit or self.at[1] > start:
+            self._open(unit)
+        self._read(start - self.at[1])  # skipped rows are decoded, never converted
+        self.table = pa.Table.from_batches(self._read(length)).combine_chunks()  # take() on chunks copies them all
+        self.perm, self.block = self.order.permutation(block), block
 
-    def _rows_of(self, unit_idx: int) -> Iterator[tuple]:
+    def _open(self, unit_idx: int) -> None:
+        self.block, self.table, self.stream, self.pending = -1, None, None, None
+        release_arrow_memory()
         unit = self.order.index.units[unit_idx]
-        pf = self.files.get(unit.file) or self.files.setdefault(unit.file, open_parquet(unit.file))
-        for batch in read_unit(unit, self.order.index.columns, self.block_rows, pf):
-            yield from zip(*(batch.column(i).to_pylist() for i in range(batch.num_columns)))
+        if unit.file != self.file:
+            self.file, self.pf = unit.file, open_parquet(unit.file)
+        self.stream = read_unit(unit, self.order.index.columns, READ_ROWS, self.pf)
+        self.at = (unit_idx, 0)
+
+    def _read(self, n: int) -> list[pa.RecordBatch]:
+        out = []
+        self.at = (self.at[0], self.at[1] + n)
+        while n > 0:
+            if self.pending is None or self.pending.num_rows == 0:
+                self.pending = next(self.stream, None)
+                if self.pending is None:  # the footer promised more rows than the row group holds
+                    unit = self.order.index.units[self.at[0]]
+                    raise DataError(f"{unit.file}: row group {unit.row_group} holds fewer rows than its metadata says")
+            piece = self.pending.slice(0, n)
+            self.pending = self.pending.slice(piece.num_rows)
+            out.append(piece)
+            n -= piece.num_rows
+        return out
 
 
 class LowMemDataset(IterableDataset):
@@ -108,6 +143,8 @@ class LowMemDataset(IterableDataset):
                  world_size: int, seed: int, shuffle_buffer: int, remainder: str = "drop"):
         if global_batch % world_size:
             raise ValueError(f"global batch {global_batch} is not divisible by {world_size} processes")
+        if remainder not in ("drop", "pad"):
+            raise ValueError(f"remainder must be 'drop' or 'pad', not {remainder!r}")
         self.index, self.encoder, self.pad_id = index, encoder, pad_id
         self.global_batch, self.rank, self.world_size = global_batch, rank, world_size
         self.seed, self.shuffle_buffer, self.remainder = seed, shuffle_buffer, remainder
@@ -145,16 +182,21 @@ class LowMemDataset(IterableDataset):
         return [p % n for p in range(lo, lo + share)]
 
     def __iter__(self) -> Iterator[dict]:
-        info = get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        order = EpochOrder(self.index, self.seed, self.position.epoch, self.shuffle_buffer)
-        reader = BlockReader(order, self.shuffle_buffer)
+        info = get_worker_info()  # inside a DataLoader worker: its id; in the main process: None
+        if info is None:
+            return self.iter_steps()
+        # A forked worker shares the parent's pages until it writes to them, and every garbage collection
+        # writes to every object it visits: freezing the inherited objects keeps them shared (~40 MB a worker).
+        gc.freeze()
+        return self.iter_steps(info.id, info.num_workers)
+
+    def iter_steps(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+        """The batches of worker `worker` of `workers`: steps first+worker, first+worker+workers, ..."""
+        reader = BlockReader(EpochOrder(self.index, self.seed, self.position.epoch, self.shuffle_buffer))
         for step in range(self.first_step() + worker, self.steps_per_epoch(), workers):
             positions = self.rank_positions(step)
-            pairs = self.encoder.encode([reader.row(p) for p in positions])
-            batch = collate(pairs, self.pad_id, self.encoder.model_type)
+            batch = collate(self.encoder.encode(reader.rows(positions)), self.pad_id, self.encoder.model_type)
             batch["positions"] = torch.tensor(positions, dtype=torch.long)
-            batch["step"] = torch.tensor(step)
-            batch["epoch"] = torch.tensor(self.position.epoch)
+            batch["step"], batch["epoch"] = step, self.position.epoch  # ints: each tensor costs a worker IPC
             batch["stats"] = torch.tensor(list(self.encoder.take_stats().as_dict().values()))
             yield batch

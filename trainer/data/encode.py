@@ -7,10 +7,16 @@ masked (-100), so only the response is learned; the model shifts labels left int
 
 Rows whose text is null are skipped, rows too long are truncated or skipped (cfg.data.overlong); both are
 counted in `EncodeStats` and reported by the trainer, never dropped silently.
+
+Rows of token ids (written by `prepare --tokenize`: prompt and response ids without special tokens) skip the
+tokenizer and take the same path from there on: special tokens, layout and truncation are applied here, at
+training time, so one prepared file serves t5 and gpt and any max_seq_len.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass, field, fields
 from typing import Sequence
 
@@ -45,7 +51,7 @@ class Encoder:
     stats: EncodeStats = field(default_factory=EncodeStats)
 
     def encode(self, rows: Sequence[tuple]) -> list[tuple[list[int], list[int]]]:
-        """(input_ids, labels) per kept row; token-id rows (from `prepare`) pass through untokenized."""
+        """(input_ids, labels) per kept row; token-id rows (from `prepare`) skip the tokenizer."""
         self.stats.rows += len(rows)
         kept = [r for r in rows if r[0] is not None and r[1] is not None]
         self.stats.skipped_null += len(rows) - len(kept)
@@ -55,9 +61,9 @@ class Encoder:
             tok = self.tokenizer
             prompts = tok([r[0] for r in kept], add_special_tokens=False)["input_ids"]
             responses = tok([r[1] for r in kept], add_special_tokens=False)["input_ids"]
-            pairs = [self._build(p, r) for p, r in zip(prompts, responses)]
         else:
-            pairs = [(list(r[0]), list(r[1])) for r in kept]
+            prompts, responses = [list(r[0]) for r in kept], [list(r[1]) for r in kept]
+        pairs = [self._build(p, r) for p, r in zip(prompts, responses)]
         out = [p for p in pairs if p is not None]
         self.stats.skipped_overlong += len(pairs) - len(out)
         return out
@@ -88,6 +94,12 @@ class Encoder:
     def take_stats(self) -> EncodeStats:
         stats, self.stats = self.stats, EncodeStats()
         return stats
+
+
+def vocab_fingerprint(tokenizer) -> str:
+    """Identifies a vocabulary: token ids written with one tokenizer are only valid with the same one."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    return hashlib.sha256(vocab.encode()).hexdigest()[:16]
 
 
 def pad(seqs: Sequence[Sequence[int]], value: int) -> torch.Tensor:

@@ -10,7 +10,8 @@ from typing import Iterator
 
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model.tokenizer import load_or_train_tokenizer
-from lowmem_train.trainer.data.source import ParquetIndex, iter_rows
+from lowmem_train.trainer.data.encode import vocab_fingerprint
+from lowmem_train.trainer.data.source import DataError, ParquetIndex, iter_rows
 from lowmem_train.trainer.data.zh_numerals import write_task
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,13 @@ def tokenizer_texts(index: ParquetIndex, limit_rows: int = 2_000_000) -> Iterato
         yield from (text for text in row if isinstance(text, str))
 
 
+def check_token_ids(index: ParquetIndex, tokenizer, what: str) -> None:
+    """Token ids (from `prepare --tokenize`) mean something only with the tokenizer that wrote them."""
+    if index.kind == "tokens" and index.vocab and index.vocab != vocab_fingerprint(tokenizer):
+        raise DataError(f"{what}: {index.files[0]} holds token ids of another tokenizer than the one in "
+                        f"--tokenizer_dir; pass the --tokenizer_dir that `prepare` used")
+
+
 def load_datasets(cfg: RunConfig, backend) -> LoadedData:
     columns = (cfg.data.prompt_column, cfg.data.response_column)
     accelerator = backend.accelerator
@@ -52,9 +60,14 @@ def load_datasets(cfg: RunConfig, backend) -> LoadedData:
         if backend.is_main:
             ensure_bundled_task(cfg)
         train_index = ParquetIndex.build(cfg.train_file, columns, "--train_file")
+        if train_index.kind == "tokens" and not (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
+            raise DataError(f"--train_file: {cfg.train_file} holds token ids, but --tokenizer_dir "
+                            f"{cfg.tokenizer_dir} holds no tokenizer; pass the one `prepare` used")
         texts = tokenizer_texts(train_index) if backend.is_main else None
         tokenizer = load_or_train_tokenizer(Path(cfg.tokenizer_dir), texts, cfg.model.vocab_size)
+    check_token_ids(train_index, tokenizer, "--train_file")
     validation_index = None
     if cfg.validation_file:
         validation_index = ParquetIndex.build(cfg.validation_file, columns, "--validation_file")
+        check_token_ids(validation_index, tokenizer, "--validation_file")
     return LoadedData(tokenizer, train_index, validation_index)
