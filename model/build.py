@@ -67,4 +67,5 @@ def set_gradient_checkpointing(model: PreTrainedModel, enabled: bool) -> None:
 
 
 def count_parameters(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    # Under ZeRO-3 a parameter is partitioned and numel() is 0 here; DeepSpeed keeps the real size in ds_numel.
+    return sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())

@@ -34,3 +34,17 @@ def accelerate_launch(config: str, port: int) -> list[str]:
     """The launcher prefix for a 2-process DeepSpeed-on-gloo run (a distinct port per test avoids clashes)."""
     return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_configs" / config),
             "--main_process_port", str(port)]
+
+
+def memorisable_task(root: Path, numbers: list[int]) -> Path:
+    """A training file of a few numbers repeated: a tiny model memorises them in a couple of hundred steps."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from lowmem_train.trainer.data.zh_numerals import to_chinese
+
+    rows = [(str(n), to_chinese(n)) for n in numbers] * 64
+    table = pa.table({"prompt": [r[0] for r in rows], "response": [r[1] for r in rows]})
+    path = root / "memorise.parquet"
+    pq.write_table(table, path, row_group_size=256)
+    return path

@@ -69,10 +69,33 @@ class ResumePoint:
     path: Path
     state: TrainState
     config: dict
+    tokenizer: str | None = None  # fingerprint of the vocabulary the checkpoint was trained with
 
     @property
     def plan(self) -> dict:
         return self.state.plan
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints under `root` (output_dir/checkpoints), newest first (by step, not by file time)."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
+    return sorted(found, key=lambda p: p.name, reverse=True)
+
+
+def read_checkpoint(path: Path) -> ResumePoint:
+    """Parse and sanity-check a checkpoint's metadata; raises ValueError naming what is wrong."""
+    try:
+        meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+        state = TrainState.from_state_dict(meta["train_state"])
+        config = meta["config"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path / STATE_FILE} is unreadable ({type(exc).__name__}: {exc})") from None
+    for name, size in meta.get("files", {}).items():
+        if not (path / name).is_file() or (path / name).stat().st_size != size:
+            raise ValueError(f"{path / name} is missing or truncated")
+    return ResumePoint(path, state, config, meta.get("tokenizer"))
 
 
 def fsync_tree(path: Path) -> None:
@@ -151,24 +174,10 @@ class Checkpointer:
 
     # ---- finding ---------------------------------------------------------------------------------------------
     def complete_checkpoints(self) -> list[Path]:
-        """Complete checkpoints, newest first (by step, not by file time)."""
-        if not self.root.is_dir():
-            return []
-        found = [p for p in self.root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
-        return sorted(found, key=lambda p: p.name, reverse=True)
+        return complete_checkpoints(self.root)
 
     def read(self, path: Path) -> ResumePoint:
-        """Parse and sanity-check a checkpoint's metadata; raises ValueError naming what is wrong."""
-        try:
-            meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-            state = TrainState.from_state_dict(meta["train_state"])
-            config = meta["config"]
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ValueError(f"{path / STATE_FILE} is unreadable ({type(exc).__name__}: {exc})") from None
-        for name in meta.get("files", []):
-            if not (path / name).is_file() or (path / name).stat().st_size != meta["files"][name]:
-                raise ValueError(f"{path / name} is missing or truncated")
-        return ResumePoint(path, state, config)
+        return read_checkpoint(path)
 
     def find_resume(self) -> ResumePoint | None:
         """The newest complete, intact checkpoint; broken ones are skipped with a warning naming them."""

@@ -14,7 +14,8 @@ from itertools import islice
 import torch
 
 from lowmem_train.trainer.backend import Backend, all_reduce
-from lowmem_train.trainer.data.encode import IGNORE_INDEX, Encoder, collate, pad
+from lowmem_train.model.generate import decode_answers, pad_prompts
+from lowmem_train.trainer.data.encode import IGNORE_INDEX, Encoder, collate
 from lowmem_train.trainer.data.source import ParquetIndex, iter_rows
 from lowmem_train.trainer.step import token_loss_sum
 
@@ -99,24 +100,13 @@ class Evaluator:
         return self.tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "")
 
     def generate(self, net, pairs: list[tuple[list[int], list[int]]]) -> list[str]:
-        """Greedy answers for a batch of encoded rows."""
+        """Greedy answers for a batch of encoded rows (prompts padded as the `generate` command pads them)."""
         tok, device = self.tokenizer, self.backend.accelerator.device
-        limit = self.encoder.max_seq_len
+        kind, limit = self.encoder.model_type, self.encoder.max_seq_len
         synced = self.backend.zero_stage == 3 and self.backend.world_size > 1
-        if self.encoder.model_type == "t5":
-            inputs = pad([p[0] for p in pairs], tok.pad_token_id).to(device)
-            mask = (inputs != tok.pad_token_id).long()
-            mask[:, 0] = 1
-            out = net.generate(input_ids=inputs, attention_mask=mask, max_new_tokens=limit, do_sample=False,
-                               num_beams=1, synced_gpus=synced)
-        else:  # causal: prompt [SEP], left-padded so that every row continues from its last real token
-            prompts = [ids[: prompt_length(labels)] for ids, labels in pairs]
-            width = max(len(p) for p in prompts)
-            inputs = torch.full((len(prompts), width), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros_like(inputs)
-            for i, p in enumerate(prompts):
-                inputs[i, width - len(p):], mask[i, width - len(p):] = torch.tensor(p), 1
-            out = net.generate(input_ids=inputs.to(device), attention_mask=mask.to(device),
-                               max_new_tokens=max(1, limit - width), do_sample=False, num_beams=1, synced_gpus=synced)
-            out = out[:, width:]
-        return [tok.decode(seq, skip_special_tokens=True).replace(" ", "") for seq in out.tolist()]
+        prompts = [ids if kind == "t5" else ids[: prompt_length(labels)] for ids, labels in pairs]
+        inputs, mask = pad_prompts(prompts, tok.pad_token_id, kind)
+        room = limit if kind == "t5" else max(1, limit - inputs.shape[1])  # gpt: positions end at max_seq_len
+        out = net.generate(input_ids=inputs.to(device), attention_mask=mask.to(device), max_new_tokens=room,
+                           do_sample=False, num_beams=1, synced_gpus=synced)
+        return [a.replace(" ", "") for a in decode_answers(tok, out, inputs.shape[1], kind)]

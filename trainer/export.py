@@ -74,15 +74,12 @@ def check_output(output: Path, overwrite: bool) -> Path:
 def find_checkpoint(path: Path):
     """A checkpoint, the `latest` file or a run folder -> the intact checkpoint it means (a ResumePoint)."""
 
-    def checkpointer(run_dir: Path):  # its read() and complete_checkpoints() define "intact"; imported late (slow)
-        from lowmem_train.config.schema import RunConfig
-        from lowmem_train.trainer.checkpoint import Checkpointer
-
-        return Checkpointer(RunConfig(output_dir=str(run_dir)))
+    # read_checkpoint and complete_checkpoints define "intact", for resume and export alike; imported late (slow)
+    from lowmem_train.trainer.checkpoint import complete_checkpoints, read_checkpoint
 
     def read(ckpt: Path):
         try:
-            return checkpointer(ckpt.parent.parent).read(ckpt)
+            return read_checkpoint(ckpt)
         except ValueError as exc:
             raise ConfigError(f"--checkpoint: {ckpt} is corrupt: {exc}; export an older checkpoint") from None
 
@@ -101,9 +98,9 @@ def find_checkpoint(path: Path):
         raise ConfigError(f"--checkpoint: {path} is incomplete (no {STATE_FILE}: its save never finished); pass "
                           f"an older checkpoint or the run folder")
     run_dir = path.parent if path.name == "checkpoints" else path
-    for ckpt in checkpointer(run_dir).complete_checkpoints():  # newest first; a broken one is skipped, loudly
+    for ckpt in complete_checkpoints(run_dir / "checkpoints"):  # newest first; a broken one is skipped, loudly
         try:
-            return checkpointer(run_dir).read(ckpt)
+            return read_checkpoint(ckpt)
         except ValueError as exc:
             log.warning("skipping checkpoint %s: %s", ckpt.name, exc)
     raise ConfigError(f"--checkpoint: no complete checkpoint in {run_dir / 'checkpoints'}; pass a run folder, a "

@@ -9,6 +9,11 @@ raises on a GPU.
 The N-th checkpoint save of the process SIGKILLs it after the model and optimizer files are written and before
 the completion marker: the worst moment for a crash, hard to hit with a random kill.
 
+    LOWMEM_FAULT_HOST_AVAILABLE="gb=1.0[,rank=1][,from_step=4]"
+One rank of several on one machine under host-memory pressure that the others do not feel (as one node of a
+cluster would be) cannot be produced for real on a single machine: that rank's memory samples report at most
+`gb` available from `from_step` on. Everything downstream (all-gather, policy, actuator) is the real code.
+
 Unset (always, outside tests), each check is a single attribute read.
 """
 
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import os
 import signal
+from dataclasses import replace
 
 import torch
 
@@ -39,6 +45,24 @@ class OomFault:
 
 
 OOM_FAULT = OomFault(os.environ.get(ENV))
+
+
+class HostPressure:
+    def __init__(self, spec: str | None):
+        fields = dict(part.split("=", 1) for part in spec.split(",")) if spec else {}
+        self.active = bool(fields)
+        self.cap = int(float(fields.get("gb", 0)) * 2**30)
+        self.rank = int(fields["rank"]) if "rank" in fields else None
+        self.from_step = int(fields.get("from_step", 0))
+
+    def apply(self, sample, rank: int):
+        if not self.active or (self.rank is not None and rank != self.rank) or sample.step < self.from_step:
+            return sample
+        return replace(sample, host_available=min(sample.host_available, self.cap),
+                       job_available=min(sample.job_available, self.cap))
+
+
+HOST_PRESSURE = HostPressure(os.environ.get("LOWMEM_FAULT_HOST_AVAILABLE"))
 
 
 class KillInSave:

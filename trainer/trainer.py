@@ -51,6 +51,21 @@ class FitResult:
     exit_code: int = 0
 
 
+def worker_context():
+    """DataLoader workers start from a small fork server, not from the trainer.
+
+    A worker forked from the trainer shares its pages copy-on-write; every page the trainer then rewrites
+    (weights, gradients, Adam moments: all of them, every step) stays behind as a private copy in every worker,
+    so by the end of an epoch each worker holds about one more copy of the model states (measured: ~0.55 GB
+    per worker for t5_small). The fork server imports the data path once, and its workers share those pages.
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "lowmem_train.trainer.data.dataset"])
+    return context
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -268,6 +283,8 @@ class Trainer:
         kwargs = self.guard.plan.loader_kwargs()
         kwargs["pin_memory"] = kwargs["pin_memory"] and torch.cuda.is_available()
         kwargs["batch_size"] = None  # the dataset yields whole per-rank steps already
+        if kwargs["num_workers"]:
+            kwargs["multiprocessing_context"] = worker_context()
         # Its own generator: creating an iterator must not draw from the global RNG that dropout uses,
         # or a resumed run (which creates its iterator at another moment) would see other dropout masks.
         return DataLoader(self.dataset, persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed),

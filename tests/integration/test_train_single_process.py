@@ -5,11 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import TINY_MODEL, run_cli, task_options
+from tests.helpers import TINY_MODEL, memorisable_task, run_cli, task_options
 
 pytestmark = pytest.mark.slow
 
@@ -28,17 +26,6 @@ def test_gpt_tiny_validation_loss_falls(tiny_task, tmp_path):
     assert len(evals) >= 3
     assert evals[-1]["loss"] < 0.8 * evals[0]["loss"], evals
     assert "gpt" in result.stderr and "plain Accelerate" in result.stderr
-
-
-def memorisable_task(root: Path, numbers: list[int]) -> Path:
-    """A training file of a few numbers repeated: a tiny model memorises them in a couple of hundred steps."""
-    from lowmem_train.trainer.data.zh_numerals import to_chinese
-
-    rows = [(str(n), to_chinese(n)) for n in numbers] * 64
-    table = pa.table({"prompt": [r[0] for r in rows], "response": [r[1] for r in rows]})
-    path = root / "memorise.parquet"
-    pq.write_table(table, path, row_group_size=256)
-    return path
 
 
 def test_t5_learns_and_final_model_loads_with_plain_transformers(tiny_task, tmp_path):

@@ -27,6 +27,7 @@ from lowmem_train.trainer.backend import Backend, set_batch_plan
 from lowmem_train.trainer.memory.policy import (Decision, OutOfMemoryGiveUp, Plan, PolicyState, decide, divisors,
                                                 emergency, on_oom, shed_loader)
 from lowmem_train.trainer.memory.probe import GB, MemoryProbe, MemorySample
+from lowmem_train.trainer.faults import HOST_PRESSURE
 from lowmem_train.trainer.run_log import open_jsonl
 
 log = logging.getLogger(__name__)
@@ -87,12 +88,15 @@ class MemoryGuard:
         every = self.cfg.memory.probe_every
         if not every or step % every:
             return
-        worst = self.gather_worst(self.probe.sample(step))
+        worst = self.gather_worst(self.sample(step))
         self.samples.append(worst)
         self.record(worst, run_log)
         urgent = emergency(worst, self.plan, self.cfg.memory, self.policy)
         if urgent is not None:
             self.adopt(urgent, "now, mid-epoch", step)
+
+    def sample(self, step: int) -> MemorySample:
+        return HOST_PRESSURE.apply(self.probe.sample(step), self.backend.rank)
 
     def gather_worst(self, mine: MemorySample) -> MemorySample:
         """Every rank's sample -> the worst of them, identical on all ranks (float64: byte counts stay exact)."""
@@ -118,7 +122,7 @@ class MemoryGuard:
     # ---- decisions -------------------------------------------------------------------------------------------
     def at_epoch_end(self, step: int) -> bool:
         """Re-plan for the next epoch; True when the DataLoader must be rebuilt."""
-        samples = self.samples or [self.gather_worst(self.probe.sample(step))]
+        samples = self.samples or [self.gather_worst(self.sample(step))]
         decision = decide(samples, self.plan, self.cfg.memory, self.backend.world_size, self.policy)
         self.samples = []
         changed_loader = decision.changed and _loader_part(decision.plan) != _loader_part(self.plan)
@@ -152,7 +156,7 @@ class MemoryGuard:
 
     def preflight(self, step: int) -> None:
         """One decision before training starts, so that caps (accum_rules, max workers) hold from step one."""
-        decision = decide([self.gather_worst(self.probe.sample(step))], self.plan, self.cfg.memory,
+        decision = decide([self.gather_worst(self.sample(step))], self.plan, self.cfg.memory,
                           self.backend.world_size, self.policy)
         if decision.changed:
             self.adopt(decision, "before training", step)

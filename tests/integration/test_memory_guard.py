@@ -1,0 +1,87 @@
+"""The memory guard on real training runs. Out-of-memory errors and one-rank host pressure cannot be produced on
+this CPU machine, so those tests inject them through trainer/faults.py (their names say so); the all-gather,
+the policy and the actuator are the real ones."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO, TINY_MODEL, accelerate_launch, task_options
+
+pytestmark = pytest.mark.slow
+RECORDER = REPO / "tests" / "integration" / "scripts" / "record_run.py"
+BASE = [*TINY_MODEL, "--save_steps=1000", "--data.eval_max_samples=8", "--logging_steps=1"]
+
+
+def recorded(out: Path, tiny_task, extra: list[str], env: dict | None = None, launcher: list[str] | None = None,
+             expect: int = 0) -> list[dict]:
+    cmd = (launcher or [sys.executable]) + [str(RECORDER), *task_options(tiny_task, out), *BASE, *extra]
+    run = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    assert run.returncode == expect, run.stderr[-4000:]
+    found = sorted(out.glob("record_rank*.pt"))
+    return [torch.load(p, weights_only=False) for p in found], run.stderr
+
+
+def journal(out: Path, kind: str) -> list[dict]:
+    return [r for r in map(json.loads, (out / "memory.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
+def max_diff(a: dict, b: dict) -> float:
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_injected_oom_single_process_finishes_the_step_like_a_smaller_micro_batch(tiny_task, tmp_path):
+    (hit,), _ = recorded(tmp_path / "oom", tiny_task, ["--batch_size_per_gpu=64", "--max_steps=6"],
+                         env={"LOWMEM_FAULT_OOM": "micro_batch_over=16"})
+    (small,), _ = recorded(tmp_path / "small", tiny_task, ["--batch_size_per_gpu=16", "--gradient_accumulation_steps=4",
+                                                           "--max_steps=6"])
+    assert hit["plan"]["micro_batch"] == 16 and hit["plan"]["grad_accum"] == 4  # global batch 64 kept
+    assert [s for s, _ in hit["losses"]] == [s for s, _ in small["losses"]]  # no step lost or repeated
+    assert max(abs(a - b) for (_, a), (_, b) in zip(hit["losses"], small["losses"])) < 1e-5
+    assert max_diff(hit["weights"], small["weights"]) < 1e-4
+    reasons = [p["reason"] for p in journal(tmp_path / "oom", "plan")]
+    assert len(reasons) == 2 and all("out of memory" in r for r in reasons)  # 64 -> 32 -> 16, in the first step
+
+
+def test_injected_oom_on_one_of_two_ranks_both_shrink_and_stay_in_step(tiny_task, tmp_path, deepspeed_ops):
+    launch = accelerate_launch("cpu_2proc_deepspeed.yaml", 29751)
+    ranks, _ = recorded(tmp_path / "oom2", tiny_task, ["--batch_size_per_gpu=16", "--max_steps=5"],
+                        env={"LOWMEM_FAULT_OOM": "micro_batch_over=8,rank=1"}, launcher=launch)
+    assert ranks[0]["plan"] == ranks[1]["plan"] and ranks[0]["plan"]["micro_batch"] == 8
+    assert max_diff(ranks[0]["weights"], ranks[1]["weights"]) == 0.0  # still one model
+    small, _ = recorded(tmp_path / "small2", tiny_task, ["--batch_size_per_gpu=8", "--gradient_accumulation_steps=2",
+                                                         "--max_steps=5"], launcher=accelerate_launch("cpu_2proc_deepspeed.yaml", 29752))
+    assert max(abs(a - b) for (_, a), (_, b) in zip(ranks[0]["losses"], small[0]["losses"])) < 1e-5
+    assert max_diff(ranks[0]["weights"], small[0]["weights"]) < 1e-4
+
+
+def test_injected_oom_gives_up_after_max_retries_with_a_checkpoint(tiny_task, tmp_path):
+    out = tmp_path / "giveup"
+    _, err = recorded(out, tiny_task, ["--batch_size_per_gpu=64", "--max_steps=3", "--memory.max_oom_retries=2"],
+                      env={"LOWMEM_FAULT_OOM": "micro_batch_over=0"}, expect=3)
+    assert "out of memory again after 2 retries" in err and "resume with --is_keep_training=True" in err
+    assert (out / "checkpoints" / "step_00000000" / "train_state.json").is_file()
+
+
+def test_injected_host_pressure_on_one_rank_both_ranks_switch_at_the_epoch_boundary(tiny_task, tmp_path, deepspeed_ops):
+    args = ["--epochs=2", "--batch_size_per_gpu=32", "--data.num_workers=2", "--memory.probe_every=2"]
+    pressured, _ = recorded(tmp_path / "pressure", tiny_task, args, launcher=accelerate_launch("cpu_2proc_deepspeed.yaml", 29753),
+                            env={"LOWMEM_FAULT_HOST_AVAILABLE": "gb=1.0,rank=1,from_step=4"})
+    calm, _ = recorded(tmp_path / "calm", tiny_task, args, launcher=accelerate_launch("cpu_2proc_deepspeed.yaml", 29754))
+    steps_per_epoch = 4096 // 64
+    plans = journal(tmp_path / "pressure", "plan")
+    assert plans and plans[0]["when"] == "for the next epoch" and plans[0]["step"] == steps_per_epoch
+    assert plans[0]["plan"]["num_workers"] == 1 and "1.00 GB" in plans[0]["reason"]
+    assert pressured[0]["plan"] == pressured[1]["plan"]  # the same plan on both ranks
+    assert pressured[0]["plan"]["micro_batch"] * pressured[0]["plan"]["grad_accum"] * 2 == 64  # global batch kept
+    assert not (tmp_path / "calm" / "memory.jsonl").read_text().count('"kind": "plan"')
+    # Fewer workers change nothing in the data order or the math: the loss curves coincide.
+    assert max(abs(a - b) for (_, a), (_, b) in zip(pressured[0]["losses"], calm[0]["losses"])) < 1e-6
