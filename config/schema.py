@@ -76,9 +76,9 @@ class RunConfig:
     """Maximum tokens of a prompt or a response (t5), or of prompt + response (gpt)."""
 
     # ---- optimisation -----------------------------------------------------------------------------------
-    epochs: int = 8
+    epochs: int = 3
     """Passes over the training data."""
-    batch_size_per_gpu: int = 64
+    batch_size_per_gpu: int = 128
     """Micro-batch per process at start (the memory guard may change it, keeping the global batch)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step at start; global batch = batch_size_per_gpu x this x processes."""
