@@ -11,6 +11,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args, cfg) -> int:
+    import os
+
+    import torch
+
+    if not torch.cuda.is_available():  # say so up front, or DeepSpeed warns that it "was unable to detect" a GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from lowmem_train.trainer.trainer import Trainer
 
     return Trainer(cfg).fit().exit_code

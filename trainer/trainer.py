@@ -66,6 +66,18 @@ def worker_context():
     return context
 
 
+def stop_worker_server() -> None:
+    """With no workers left (the memory guard shed them), the idle fork server's memory is given back too.
+
+    `_stop` is private but has been in CPython since 3.8 (its tests use it); the server restarts on demand.
+    """
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)
+    if stop is not None and forkserver._forkserver._forkserver_pid is not None:
+        stop()
+
+
 class Trainer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -123,7 +135,7 @@ class Trainer:
         if self.backend.is_main:  # before the guard's decision, which consumes the epoch's samples
             snap = memory_snapshot(self.model, self.optimizer, self.backend, self.guard.probe, self.guard.samples,
                                    state.step)
-            log.info("%s", snap.describe())
+            log.info("%s", snap.describe(tips=self.guard.under_pressure()))
             self.guard.journal_line(snap.to_record())
         state.epoch, state.samples_seen = state.epoch + 1, 0
         if self.guard.at_epoch_end(state.step):
@@ -285,6 +297,8 @@ class Trainer:
         kwargs["batch_size"] = None  # the dataset yields whole per-rank steps already
         if kwargs["num_workers"]:
             kwargs["multiprocessing_context"] = worker_context()
+        else:
+            stop_worker_server()
         # Its own generator: creating an iterator must not draw from the global RNG that dropout uses,
         # or a resumed run (which creates its iterator at another moment) would see other dropout masks.
         return DataLoader(self.dataset, persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed),
@@ -295,10 +309,11 @@ class Trainer:
         engine = f"DeepSpeed ZeRO-{b.zero_stage}" + (" + optimizer offload to CPU" if
                  b.ds_config and b.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
                  else "") if b.uses_deepspeed else "plain Accelerate (no DeepSpeed)"
-        log.info("%s %s, %.2fM parameters; %d process(es) on %s (%s); %s; precision %s", cfg.model.type,
-                 cfg.output_dir, params / 1e6, b.world_size, b.accelerator.device, b.accelerator.distributed_type.name,
+        where = f"{b.world_size} process(es) on {b.accelerator.device}" + (
+            f" ({b.accelerator.distributed_type.name})" if b.world_size > 1 else "")
+        log.info("%s %s, %.2fM parameters; %s; %s; precision %s", cfg.model.type, cfg.output_dir, params / 1e6, where,
                  engine, b.precision)
         log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
-                 "accumulation %d x %d processes); resume at epoch %d step %d", self.train_index.num_rows,
+                 "accumulation %d x %d processes); from epoch %d step %d", self.train_index.num_rows,
                  len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,
                  plan.micro_batch, plan.grad_accum, b.world_size, self.state.epoch + 1, self.state.step)

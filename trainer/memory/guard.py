@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -133,6 +134,12 @@ class MemoryGuard:
             log.info("memory: %s", decision.reason)
         return changed_loader
 
+    def under_pressure(self) -> bool:
+        """Any sample of this epoch with less than host_headroom_gb available to the job (or a full GPU)."""
+        m = self.cfg.memory
+        return any(s.job_available < m.host_headroom_gb * GB or (s.gpu_used_fraction or 0) > m.gpu_low_fraction
+                   for s in self.samples)
+
     def on_oom(self, step: int) -> Plan:
         """All ranks hit this together (step.py agrees first): shrink the compute plan or give up."""
         self.release_cached_memory()
@@ -170,13 +177,16 @@ class MemoryGuard:
             self.loader_changed = True
         self.apply_compute(self.plan)
         log.warning("memory plan %s: %s -> %s", when, decision.reason, self.plan.describe())
-        self.journal_line({"kind": "plan", "step": step, "when": when, "reason": decision.reason,
+        self.journal_line({"kind": "plan", "step": step, "time": time.time(), "when": when, "reason": decision.reason,
                            "plan": self.plan.state_dict()})
 
     def apply_compute(self, plan: Plan) -> None:
         set_batch_plan(self.backend, plan.micro_batch, plan.grad_accum)
         net = self.backend.accelerator.unwrap_model(self.model)
-        if bool(getattr(net, "is_gradient_checkpointing", False)) != plan.gradient_checkpointing:
+        # transformers 5 renamed is_gradient_checkpointing (deprecated) to is_activation_checkpointing
+        active = getattr(net, "is_activation_checkpointing", None)
+        active = getattr(net, "is_gradient_checkpointing", False) if active is None else active
+        if bool(active) != plan.gradient_checkpointing:
             set_gradient_checkpointing(net, plan.gradient_checkpointing)
 
     def journal_line(self, record: dict) -> None:

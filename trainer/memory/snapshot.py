@@ -52,12 +52,13 @@ class Snapshot:
     pools: list[Pool]
     tips: list[str] = field(default_factory=list)
 
-    def describe(self) -> str:
+    def describe(self, tips: bool = True) -> str:
+        """The report; `tips=False` when memory is plentiful (advice then is noise; memory.jsonl keeps it)."""
         lines = [f"memory snapshot at step {self.step} (rank {self.rank}):"]
         for p in self.pools:
             parts = ", ".join(f"{k} {v / GB:.2f}" for k, v in p.parts.items())
             lines.append(f"  {p.name}: {p.current / GB:.2f} GB now ({parts}), peak {p.peak / GB:.2f} GB")
-        lines += [f"  tip: {tip}" for tip in self.tips]
+        lines += [f"  tip: {tip}" for tip in self.tips] if tips else []
         return "\n".join(lines)
 
     def to_record(self) -> dict:
@@ -200,7 +201,7 @@ def advise(snap: Snapshot, backend=None) -> list[str]:
         workers = pool.parts.get(WORKERS, 0)
         if pool.share(WORKERS) > WORKER_SHARE:
             tips.append(f"DataLoader workers hold {workers / GB:.2f} GB ({pool.share(WORKERS):.0%} of {pool.name} "
-                        "memory; each keeps a copy of the model states it was forked with): lower --data.num_workers")
+                        "memory): lower --data.num_workers")
         # Activations live where the model computes; on the host, "other" also holds the interpreter and libraries.
         if pool.name != ("gpu" if len(snap.pools) > 1 else "host"):
             continue
