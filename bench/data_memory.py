@@ -217,7 +217,7 @@ def measure(job: dict) -> dict:
 
 
 def t5_tiny_rows_per_s(task: Path, tokenizer: Path, cache: Path, steps: int) -> float:
-    """Steady-state rows/s of `train --config t5_tiny` (its defaults: batch 64, 0 workers), between its last two
+    """Steady-state rows/s of `train --config t5_tiny` (its defaults: 0 workers), between its last two
     metric lines (the logged samples_per_s averages from the epoch's start, warm-up included)."""
     out = cache / "t5_tiny_run"
     shutil.rmtree(out, ignore_errors=True)
@@ -240,6 +240,8 @@ def main() -> None:
     parser.add_argument("--cache_dir", default=str(REPO / "bench" / "results" / "data"), help="where data files live")
     parser.add_argument("--loaders", default="lowmem,read_table,hf")
     parser.add_argument("--workers", default="0,2")
+    parser.add_argument("--speed_only", action="store_true",
+                        help="only the second table: tokenizing loader rows/s vs what t5_tiny training consumes")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -253,6 +255,8 @@ def main() -> None:
     print(f"data ready in {time.perf_counter() - t0:.0f} s: " + ", ".join(
         f"{p.name} {p.stat().st_size / 1e6:,.0f} MB" for p in files.values()), flush=True)
     loaders, worker_counts = args.loaders.split(","), [int(w) for w in args.workers.split(",")]
+    if args.speed_only:
+        loaders = []
     base = {"tokenizer": str(tokenizer), "hf_cache": str(cache / "hf_cache"), "tokenize": False}
     if "hf" in loaders:  # convert to the Arrow cache once, outside the measurement
         for file in files.values():
@@ -274,8 +278,9 @@ def main() -> None:
                                                      "tokenize": True, "max_steps": steps})
             print(f"  tokenized {label} {workers} workers: {r['rows'] / r['seconds']:,.0f} rows/s", flush=True)
 
-    print("\n| loader | file | workers | peak PSS MB | peak vs read_table | PSS start -> end MB | rows/s | setup s |")
-    print("|---|---|---|---|---|---|---|---|")
+    if results:
+        print("\n| loader | file | workers | peak PSS MB | peak vs read_table | PSS start -> end MB | rows/s | setup s |")
+        print("|---|---|---|---|---|---|---|---|")
     for (name, workers, kind), r in results.items():
         peer = results.get((name, workers, "read_table"))
         ratio = f"{r['peak'] / peer['peak']:.2f}" if peer else "-"

@@ -71,8 +71,13 @@ def stop_worker_server() -> None:
 
     `_stop` is private but has been in CPython since 3.8 (its tests use it); the server restarts on demand.
     """
+    import multiprocessing
     from multiprocessing import forkserver
 
+    # Every worker holds the server's "alive" pipe, and `_stop` waits for the server to exit: stopping it while
+    # a worker still lives would block until that worker ends. Such a server is stopped on a later call.
+    if multiprocessing.active_children():
+        return
     stop = getattr(forkserver._forkserver, "_stop", None)
     if stop is not None and forkserver._forkserver._forkserver_pid is not None:
         stop()
@@ -174,6 +179,7 @@ class Trainer:
         (host emergency, or a MemoryError while collating, which every rank learns of together)."""
         while self.step_in_epoch() < self.dataset.steps_per_epoch():
             self.dataset.load_state_dict(self.state.position())
+            batches = None  # the old iterator's workers shut down here (its last reference), before new ones start
             batches = iter(self.make_loader())
             while True:
                 try:
