@@ -32,6 +32,8 @@ from pathlib import Path
 
 import psutil
 
+from lowmem_train.trainer.memory.outside import tree_pss
+
 REPO = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH, MAX_SEQ_LEN = 64, 32
 ALPHABET = "零一二三四五六七八九十百千万亿"
@@ -80,21 +82,6 @@ def make_task_and_tokenizer(cache: Path) -> tuple[Path, Path]:
 
 
 # ---- the child: one loader, one file, one epoch ---------------------------------------------------------------
-def tree_pss(proc: psutil.Process) -> int:
-    """PSS of a process and all its descendants (0 for whatever exits while we look)."""
-    try:
-        procs = [proc, *proc.children(recursive=True)]
-    except psutil.Error:
-        return 0
-    total = 0
-    for p in procs:
-        try:
-            total += p.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
-
-
 class TouchEncoder:
     """Reads every string of a batch (as a consumer must) without tokenizing: table 1 measures the loader."""
 
@@ -183,9 +170,9 @@ def child(job: dict) -> None:
     for i, batch in enumerate(loader):
         rows += int(batch["rows"]) if "rows" in batch else int(batch["positions"].numel())
         if i == 0:
-            start_pss = tree_pss(me)
+            start_pss = tree_pss(me.pid)
         if i == steps - 1:
-            end_pss = tree_pss(me)
+            end_pss = tree_pss(me.pid)
             break
     seconds = time.perf_counter() - t1
     print(json.dumps({"rows": rows, "seconds": seconds, "setup": setup, "pss_start": start_pss, "pss_end": end_pss}))
@@ -195,12 +182,12 @@ def child(job: dict) -> None:
 def measure(job: dict) -> dict:
     proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(job)], stdout=subprocess.PIPE, text=True,
                             env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
-    peak, watched = 0, psutil.Process(proc.pid)
+    peak = 0
 
     def sample():
         nonlocal peak
         while proc.poll() is None:
-            peak = max(peak, tree_pss(watched))
+            peak = max(peak, tree_pss(proc.pid))
             time.sleep(0.05)
 
     sampler = threading.Thread(target=sample, daemon=True)

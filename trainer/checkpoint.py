@@ -168,6 +168,7 @@ class Checkpointer:
         self.cfg = cfg
         self.root = Path(cfg.output_dir) / "checkpoints"
         self.backend: Backend | None = None
+        self.vocab: str | None = None  # fingerprint of the run's tokenizer, saved with every checkpoint
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
@@ -223,7 +224,7 @@ class Checkpointer:
         save_config(self.cfg, tmp / "config.yaml")
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
         meta = {"train_state": state.state_dict(), "config": config_to_dict(self.cfg), "files": files,
-                "versions": library_versions(), "deepspeed": self.backend.uses_deepspeed}
+                "versions": library_versions(), "deepspeed": self.backend.uses_deepspeed, "tokenizer": self.vocab}
         fsync_tree(tmp)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:  # the completion marker, written last
             json.dump(meta, f, indent=1)
@@ -329,10 +330,13 @@ class Checkpointer:
         now = self.cfg
         frozen = {f"model.{k}": (getattr(saved.model, k), getattr(now.model, k)) for k in vars(now.model)
                   if k != "attn_implementation"}
-        frozen.update({"tokenizer_dir": (saved.tokenizer_dir, now.tokenizer_dir),
-                       "max_seq_len": (saved.max_seq_len, now.max_seq_len),
+        if not (point.tokenizer and self.vocab):  # a checkpoint without a vocabulary fingerprint: the path must match
+            frozen["tokenizer_dir"] = (saved.tokenizer_dir, now.tokenizer_dir)
+        frozen.update({"max_seq_len": (saved.max_seq_len, now.max_seq_len),
                        "seed": (saved.seed, now.seed)})
         changed = [f"--{k} ({a!r} -> {b!r})" for k, (a, b) in frozen.items() if a != b]
+        if point.tokenizer and self.vocab and point.tokenizer != self.vocab:  # same folder, other vocabulary
+            changed.append(f"the tokenizer in {now.tokenizer_dir} (vocabulary {point.tokenizer} -> {self.vocab})")
         if changed:
             raise ConfigError(f"cannot resume {point.path}: {', '.join(changed)} differ from the checkpoint; "
                               f"use the checkpoint's values or start a new --output_dir")
@@ -351,21 +355,15 @@ class Checkpointer:
         log.info("fine-tuning from %s (fresh optimizer and schedule)", source)
 
     # ---- the final model ---------------------------------------------------------------------------------------
-    def export_final(self, model, tokenizer) -> Path:
-        """save_pretrained (safetensors) + tokenizer into output_dir/final, atomically."""
+    def export_final(self, model, tokenizer, step: int) -> Path:
+        """The trained model as a plain HF folder (safetensors) + tokenizer in output_dir/final, atomically."""
+        from lowmem_train.trainer.export import write_folder
+
         acc = self.backend.accelerator
         state_dict = acc.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
         final = Path(self.cfg.output_dir) / "final"
         if self.backend.is_main:
-            tmp = final.with_name("final.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            acc.unwrap_model(model).save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-            tokenizer.save_pretrained(str(tmp))
-            fsync_tree(tmp)
-            old = final.with_name("final.old")
-            if final.exists():
-                final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old, ignore_errors=True)
+            write_folder(acc.unwrap_model(model), tokenizer, final, {"run": str(self.cfg.output_dir), "step": step,
+                         "weights": "end of training"}, state_dict=state_dict)
         acc.wait_for_everyone()
         return final

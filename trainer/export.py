@@ -178,8 +178,9 @@ def load_weights(model, state_dict: dict, ckpt: Path, tokenizer_dir: Path) -> No
                           f"missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]})")
 
 
-def write_folder(model, tokenizer, output: Path, provenance: dict) -> None:
-    """save_pretrained + tokenizer into a temporary sibling, fsync, rename: a reader never sees half a model."""
+def write_folder(model, tokenizer, output: Path, provenance: dict, state_dict: dict | None = None) -> None:
+    """save_pretrained + tokenizer into a temporary sibling, fsync, rename: a reader never sees half a model.
+    `state_dict`: the gathered weights when the model's own are partitioned (ZeRO-3)."""
     from transformers.utils import logging as hf_logging
 
     from lowmem_train.trainer.checkpoint import fsync_dir, fsync_tree, library_versions
@@ -188,7 +189,7 @@ def write_folder(model, tokenizer, output: Path, provenance: dict) -> None:
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp, old = output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.name}.old")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), safe_serialization=True)
+    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
     tokenizer.save_pretrained(str(tmp))
     provenance = {**provenance, "versions": library_versions()}
     (tmp / "lowmem_export.json").write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")

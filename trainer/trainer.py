@@ -27,7 +27,7 @@ from lowmem_train.model.build import build_model, count_parameters
 from lowmem_train.trainer.backend import all_reduce, launched_world_size, make_backend, make_optimizer
 from lowmem_train.trainer.checkpoint import Checkpointer, TrainState
 from lowmem_train.trainer.data.dataset import LowMemDataset
-from lowmem_train.trainer.data.encode import EncodeStats, Encoder
+from lowmem_train.trainer.data.encode import EncodeStats, Encoder, vocab_fingerprint
 from lowmem_train.trainer.data.setup import load_datasets
 from lowmem_train.trainer.evaluate import EvalResult, Evaluator
 from lowmem_train.trainer.memory.estimate import check_fits
@@ -158,7 +158,7 @@ class Trainer:
         self.save()
         if self.last_eval is None or self.last_eval_step != state.step:
             self.evaluate()
-        final_dir = self.checkpointer.export_final(self.model, self.tokenizer)
+        final_dir = self.checkpointer.export_final(self.model, self.tokenizer, state.step)
         if self.last_eval is not None:
             log.info("done: %d steps; validation loss %.4f, exact match %.2f%% on %d held-out samples; model in %s",
                      state.step, self.last_eval.loss, 100 * self.last_eval.exact_match, self.last_eval.samples, final_dir)
@@ -254,6 +254,7 @@ class Trainer:
         self.global_batch = self.guard.plan.global_batch(world)
         data = load_datasets(cfg, self.backend)
         self.tokenizer, self.train_index = data.tokenizer, data.train_index
+        self.checkpointer.vocab = vocab_fingerprint(self.tokenizer)
         if resume is not None:
             self.checkpointer.check_compatible(resume)
             self.checkpointer.prepare_world_size_change(resume)

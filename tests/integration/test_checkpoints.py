@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -176,11 +177,31 @@ def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tiny_task, tm
 
 def test_resume_refuses_changes_that_would_corrupt_the_run(tiny_task, tmp_path):
     out = tmp_path / "refuse"
-    args = ["train", *task_options(tiny_task, out), *TINY_MODEL, "--batch_size_per_gpu=64", "--data.eval_max_samples=8"]
+    tokenizer = tmp_path / "tokenizer"
+    shutil.copytree(tiny_task["tokenizer"], tokenizer)
+    args = ["train", *task_options({**tiny_task, "tokenizer": tokenizer}, out), *TINY_MODEL, "--batch_size_per_gpu=64",
+            "--data.eval_max_samples=8"]
     assert run_cli([*args, "--max_steps=2"]).returncode == 0
     changed = run_cli([*args, "--max_steps=4", "--is_keep_training=True", "--model.d_model=128"])
     assert changed.returncode == 2
     assert "--model.d_model (64 -> 128)" in changed.stderr and "Traceback" not in changed.stderr
+
+    # The same --tokenizer_dir, retrained in between with another vocabulary (two ids swapped): every token id
+    # would now mean another token. The saved fingerprint catches it; the path alone could not.
+    spec = json.loads((tokenizer / "tokenizer.json").read_text(encoding="utf-8"))
+    vocab = spec["model"]["vocab"]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]
+    (tokenizer / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    swapped = run_cli([*args, "--max_steps=4", "--is_keep_training=True"])
+    assert swapped.returncode == 2 and "Traceback" not in swapped.stderr, swapped.stderr[-2000:]
+    assert f"the tokenizer in {tokenizer} (vocabulary" in swapped.stderr, swapped.stderr[-2000:]
+    vocab["0"], vocab["1"] = vocab["1"], vocab["0"]
+    (tokenizer / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+
+    # The same vocabulary in another folder is the same tokenizer: moving it does not block a resume.
+    moved = tmp_path / "moved_tokenizer"
+    tokenizer.rename(moved)
+    args = [a.replace(f"--tokenizer_dir={tokenizer}", f"--tokenizer_dir={moved}") for a in args]
     fine = run_cli([*args, "--max_steps=4", "--is_keep_training=True", "--epochs=3", "--logging_steps=1"])
     assert fine.returncode == 0, fine.stderr[-2000:]
     state = json.loads((out / "checkpoints" / "step_00000004" / "train_state.json").read_text())

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
-import threading
-import time
-from pathlib import Path
 
-import psutil
 import pytest
+
+from lowmem_train.trainer.memory.outside import run_sampled as sampled
 
 from tests.helpers import ENTRY, REPO, TINY_MODEL, task_options
 
@@ -19,37 +16,12 @@ pytestmark = pytest.mark.slow
 GB = 2**30
 
 
-def tree_pss(pid: int) -> int:
-    total = 0
-    try:
-        procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    except psutil.Error:
-        return 0
-    for proc in procs:
-        try:
-            total += proc.memory_full_info().pss
-        except psutil.Error:
-            pass
-    return total
-
-
 def run_sampled(args: list[str]) -> list[tuple[float, int]]:
     """Run `train` and sample (time, tree PSS) every 50 ms until it exits."""
-    proc = subprocess.Popen([sys.executable, str(ENTRY), "train", *args], cwd=REPO, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-    samples: list[tuple[float, int]] = []
-
-    def sample() -> None:
-        while proc.poll() is None:
-            samples.append((time.time(), tree_pss(proc.pid)))
-            time.sleep(0.05)
-
-    thread = threading.Thread(target=sample)
-    thread.start()
-    _, err = proc.communicate(timeout=900)
-    thread.join()
-    assert proc.returncode == 0, err[-3000:]
-    return samples
+    run = sampled([sys.executable, str(ENTRY), "train", *args], timeout=900, cwd=REPO,
+                  env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return run.samples
 
 
 def test_budget_below_the_unconstrained_peak_holds_after_the_first_adjustment(tiny_task, tmp_path):
