@@ -56,7 +56,7 @@ def test_host_pressure_sheds_workers_then_prefetch_then_last_worker_then_pin():
     loader = [(d.plan.num_workers, d.plan.prefetch_factor, d.plan.pin_memory) for d in decisions]
     assert loader == [(2, 4, True), (1, 4, True), (1, 2, True), (1, 1, True), (0, 1, True), (0, 1, False),
                       (0, 1, False), (0, 1, False)]
-    assert decisions[0].reason == "host available 1.0 GB < 2.0 GB: workers 4 -> 2"
+    assert decisions[0].reason == "job available 1.0 GB < 2.0 GB: workers 4 -> 2"
     assert "nothing left to shed" in decisions[-1].reason and not decisions[-1].changed
     # On a GPU, host pressure never costs compute: the micro-batch is untouched.
     assert all(d.plan.micro_batch == 16 for d in decisions)
@@ -183,7 +183,7 @@ def test_emergency_drops_workers_mid_epoch_and_the_next_decision_does_not_shed_t
     assert emergency(sample(1.0), PLAN, cfg, state) is None  # below low, above emergency: wait for the epoch end
     hit = sample(0.5)
     d = emergency(hit, PLAN, cfg, state)
-    assert d.plan.num_workers == 0 and d.reason == "host available 0.5 GB < emergency 0.75 GB: workers 4 -> 0 now"
+    assert d.plan.num_workers == 0 and d.reason == "job available 0.5 GB < emergency 0.75 GB: workers 4 -> 0 now"
     assert d.plan.loader_kwargs()["prefetch_factor"] is None
     # The epoch's samples include the one that triggered the emergency; only those after it judge the new plan.
     later = decide([sample(3.0), hit, sample(30.0)], d.plan, cfg, 1, d.state)

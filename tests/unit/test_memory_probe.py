@@ -76,7 +76,7 @@ def test_cgroup_v1_limit_is_what_the_job_has_left_and_the_policy_sheds(tmp_path)
     cfg = MemoryConfig(host_low_gb=3.5, host_headroom_gb=6)
     plan = Plan(8, 1, 4, False, 2, False)
     d = decide([s], plan, cfg, 1, PolicyState.initial(plan, cfg))
-    assert d.plan.num_workers == 2 and d.reason == "host available 3.0 GB < 3.5 GB: workers 4 -> 2"
+    assert d.plan.num_workers == 2 and d.reason == "job available 3.0 GB < 3.5 GB: workers 4 -> 2"
 
 
 def test_cgroup_v1_inactive_file_cache_is_not_counted_and_unlimited_is_none(tmp_path):

@@ -203,7 +203,7 @@ def pressure_reasons(worst: MemorySample, cfg: MemoryConfig) -> tuple[str, str]:
     """(host reason, GPU reason); an empty string means no pressure of that kind."""
     host = ""
     if worst.job_available < cfg.host_low_gb * GB:
-        host = f"host available {gb(worst.job_available)} < {cfg.host_low_gb:.1f} GB"
+        host = f"job available {gb(worst.job_available)} < {cfg.host_low_gb:.1f} GB"
     elif worst.swapped_out is not None and worst.swapped_out > cfg.swap_growth_mb * MB:
         host = f"swap grew {worst.swapped_out / MB:.0f} MB in one probe > {cfg.swap_growth_mb:.0f} MB"
     fraction = worst.gpu_used_fraction
@@ -271,7 +271,7 @@ def emergency(sample: MemorySample, plan: Plan, cfg: MemoryConfig,
     """Mid-epoch: below host_emergency_gb drop all workers now (the guard rebuilds the loader); None = no change."""
     if not cfg.adaptive or sample.job_available >= cfg.host_emergency_gb * GB:
         return None
-    why = f"host available {gb(sample.job_available)} < emergency {cfg.host_emergency_gb:.2f} GB"
+    why = f"job available {gb(sample.job_available)} < emergency {cfg.host_emergency_gb:.2f} GB"
     if plan.num_workers > 0:
         step = (replace(plan, num_workers=0), f"workers {plan.num_workers} -> 0 now")
     elif plan.pin_memory:

@@ -53,7 +53,7 @@ def load_run(run_dir: Path) -> dict[str, list[dict]]:
 
 
 def short_label(reason: str, limit: int = 34) -> str:
-    """The action of a plan reason ("host available 1.2 GB < 2.0 GB: workers 2 -> 1" -> "workers 2 -> 1")."""
+    """The action of a plan reason ("job available 1.2 GB < 2.0 GB: workers 2 -> 1" -> "workers 2 -> 1")."""
     action = reason.split("; ")[0].rsplit(": ", 1)[-1].split(", grad_accum")[0]  # accumulation follows the micro-batch
     return action if len(action) <= limit else action[: limit - 1] + "…"
 
