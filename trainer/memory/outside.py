@@ -43,10 +43,6 @@ class SampledRun:
     def peak(self) -> int:
         return max((pss for _, pss in self.samples), default=0)
 
-    def peak_after(self, moment: float) -> int | None:
-        after = [pss for t, pss in self.samples if t > moment]
-        return max(after) if after else None
-
 
 def run_sampled(cmd: list[str], interval: float = 0.05, timeout: float | None = None, **popen) -> SampledRun:
     """Run `cmd` to its end, sampling its tree's PSS every `interval` seconds. On a timeout or an interrupt the
