@@ -30,8 +30,6 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
-
 from lowmem_train.trainer.memory.outside import tree_pss
 
 REPO = Path(__file__).resolve().parent.parent
@@ -161,7 +159,6 @@ def build_loader(job: dict):
 
 
 def child(job: dict) -> None:
-    me = psutil.Process()
     t0 = time.perf_counter()
     loader, steps = build_loader(job)
     steps = min(steps, job.get("max_steps") or steps)
@@ -170,9 +167,9 @@ def child(job: dict) -> None:
     for i, batch in enumerate(loader):
         rows += int(batch["rows"]) if "rows" in batch else int(batch["positions"].numel())
         if i == 0:
-            start_pss = tree_pss(me.pid)
+            start_pss = tree_pss(os.getpid())
         if i == steps - 1:
-            end_pss = tree_pss(me.pid)
+            end_pss = tree_pss(os.getpid())
             break
     seconds = time.perf_counter() - t1
     print(json.dumps({"rows": rows, "seconds": seconds, "setup": setup, "pss_start": start_pss, "pss_end": end_pss}))

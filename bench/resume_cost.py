@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,11 +56,7 @@ def seek_resume_seconds(work: Path, train: Path, fraction: float, steps_per_epoc
                     f"--max_steps={step + 1}"], cwd=REPO, check=True, capture_output=True,
                    env={**os.environ, "PYTHONWARNINGS": "ignore"})
     first = next(json.loads(line) for line in metrics.read_text().splitlines() if '"kind": "train"' in line)
-    for extra in (target.parent / f"step_{step + 1:08d}",):  # keep one checkpoint for the next fraction
-        if extra.exists():
-            import shutil
-
-            shutil.rmtree(extra)
+    shutil.rmtree(target.parent / f"step_{step + 1:08d}", ignore_errors=True)  # keep one checkpoint for the next
     return first["time"] - start
 
 
@@ -88,8 +85,6 @@ def main() -> None:
     args = ap.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     train = make_data(args.work, args.rows)
-    import shutil
-
     shutil.rmtree(args.work / "run", ignore_errors=True)
     subprocess.run([sys.executable, str(ENTRY), "train", *common_args(args.work, train), "--max_steps=1"], cwd=REPO,
                    check=True, capture_output=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})

@@ -330,12 +330,13 @@ class Checkpointer:
         now = self.cfg
         frozen = {f"model.{k}": (getattr(saved.model, k), getattr(now.model, k)) for k in vars(now.model)
                   if k != "attn_implementation"}
-        if not (point.tokenizer and self.vocab):  # a checkpoint without a vocabulary fingerprint: the path must match
+        fingerprinted = bool(point.tokenizer and self.vocab)  # older checkpoints carry none: the path must match
+        if not fingerprinted:
             frozen["tokenizer_dir"] = (saved.tokenizer_dir, now.tokenizer_dir)
         frozen.update({"max_seq_len": (saved.max_seq_len, now.max_seq_len),
                        "seed": (saved.seed, now.seed)})
         changed = [f"--{k} ({a!r} -> {b!r})" for k, (a, b) in frozen.items() if a != b]
-        if point.tokenizer and self.vocab and point.tokenizer != self.vocab:  # same folder, other vocabulary
+        if fingerprinted and point.tokenizer != self.vocab:  # e.g. the same folder, retrained
             changed.append(f"the tokenizer in {now.tokenizer_dir} (vocabulary {point.tokenizer} -> {self.vocab})")
         if changed:
             raise ConfigError(f"cannot resume {point.path}: {', '.join(changed)} differ from the checkpoint; "
