@@ -23,7 +23,8 @@ import shutil
 import sys
 from pathlib import Path
 
-from lowmem_train.trainer.memory.outside import run_sampled as sampled
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.*
+from bench.outside import run_sampled as sampled
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = REPO / "train_low_mem.py"

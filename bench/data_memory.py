@@ -30,7 +30,8 @@ import threading
 import time
 from pathlib import Path
 
-from lowmem_train.trainer.memory.outside import tree_pss
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.*
+from bench.outside import tree_pss
 
 REPO = Path(__file__).resolve().parent.parent
 GLOBAL_BATCH, MAX_SEQ_LEN = 64, 32

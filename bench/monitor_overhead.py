@@ -77,8 +77,8 @@ def bench(cfg, every: int, block: int, repeats: int, warmup: int, calls: int) ->
     b = trainer.backend
     print(f"\n{cfg.model.type} d_model {cfg.model.d_model}, micro-batch {trainer.guard.plan.micro_batch}, "
           f"{b.world_size} process(es), {repeats} x {block} steps per mode, alternating; probe_every {every}")
-    print(f"| guard | median step (ms) | mean step (ms) | steps |")
-    print(f"|---|---|---|---|")
+    print("| guard | median step (ms) | mean step (ms) | steps |")
+    print("|---|---|---|---|")
     print(f"| on (probe_every {every}) | {on * 1e3:.2f} | {mean_on * 1e3:.2f} | {len(times['on'])} |")
     print(f"| off | {off * 1e3:.2f} | {mean_off * 1e3:.2f} | {len(times['off'])} |")
     print(f"| on / off | {on / off:.4f} | {mean_on / mean_off:.4f} | |")

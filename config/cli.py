@@ -10,11 +10,11 @@ tree walk, typing and validation live in loader.py and are shared with YAML pres
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import Any, NoReturn
 
-from lowmem_train.config.loader import build_config, field_table, iter_fields, suggest, type_label
-from lowmem_train.config.schema import ConfigError, RunConfig
+from lowmem_train.config.errors import ConfigError
+from lowmem_train.config.loader import build_config, field_table, iter_fields, suggest, takes_bare_flag, type_label
+from lowmem_train.config.schema import RunConfig
 
 SECTION_TITLES = {
     "": "run options",
@@ -47,7 +47,7 @@ def add_run_config_options(parser: argparse.ArgumentParser) -> None:
         if group is None:
             group = groups[section] = parser.add_argument_group(SECTION_TITLES.get(section, section))
         default = info.default if info.default != "" else "''"
-        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if info.type is bool else {}
+        extra: dict[str, Any] = {"nargs": "?", "const": "true"} if takes_bare_flag(info.type) else {}
         group.add_argument(
             f"--{info.name}",
             dest=info.name,
@@ -69,9 +69,3 @@ def parse_run_config(parser: argparse.ArgumentParser, argv: list[str]) -> tuple[
         raise ConfigError(f"unexpected argument {bad!r}: options are written --name=value or --name value")
     overrides = {name: value for name, value in vars(args).items() if name in field_table()}
     return build_config(getattr(args, "config", None), overrides), args
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    """The one way a user mistake ends: a single line on stderr and a non-zero exit."""
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(code)

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import inspect
 import textwrap
+import types
 import typing
 from functools import lru_cache
 from pathlib import Path
@@ -18,9 +19,9 @@ from typing import Any, Iterator, Literal, get_args, get_origin
 
 import yaml
 
-from lowmem_train.config.schema import ConfigError, RunConfig
-
-PRESET_DIR = Path(__file__).resolve().parent
+from lowmem_train.config.errors import ConfigError
+from lowmem_train.config.schema import RunConfig
+from lowmem_train.config.shipped import PRESET_DIR
 TRUE_WORDS = {"true", "1", "yes", "on"}
 FALSE_WORDS = {"false", "0", "no", "off"}
 
@@ -79,7 +80,18 @@ def suggest(name: str, choices: list[str]) -> str:
 def type_label(ftype: Any) -> str:
     if get_origin(ftype) is Literal:
         return "{" + ",".join(str(a) for a in get_args(ftype)) + "}"
+    if is_union(ftype):  # bool | Literal["auto"] -> {true,false,auto}
+        return "{" + ",".join("true,false" if a is bool else type_label(a).strip("{}") for a in get_args(ftype)) + "}"
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(ftype, "YAML")
+
+
+def is_union(ftype: Any) -> bool:
+    return isinstance(ftype, types.UnionType) or get_origin(ftype) is typing.Union
+
+
+def takes_bare_flag(ftype: Any) -> bool:
+    """A bare `--flag` means true for booleans (and unions with a boolean, like is_keep_training)."""
+    return ftype is bool or (is_union(ftype) and bool in get_args(ftype))
 
 
 def coerce(label: str, ftype: Any, value: Any) -> Any:
@@ -89,6 +101,13 @@ def coerce(label: str, ftype: Any, value: Any) -> Any:
     """
     text = value.strip() if isinstance(value, str) else value
     bad = f"invalid value {value!r} for {label}"
+    if is_union(ftype):  # the first member that takes the value
+        for member in get_args(ftype):
+            try:
+                return coerce(label, member, value)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{bad}; expected one of {type_label(ftype).strip('{}').replace(',', ', ')}")
     if get_origin(ftype) is Literal:
         choices = get_args(ftype)
         if text in choices:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lowmem_train.config.errors import ConfigError
+
 ACCUM_RULE_KEYS = {"below_available_gb", "min_grad_accum"}
 
 
@@ -22,11 +24,21 @@ class MemoryConfig:
     max_oom_retries: int = 3
     """Out-of-memory errors survived (each halves the micro-batch and redoes the step) before stopping."""
     host_low_gb: float = 2.0
-    """Shed DataLoader memory at an epoch boundary when available host memory fell below this, in GB."""
+    """Shed DataLoader memory at an epoch boundary when available host memory (at the step peak) fell below this, in GB."""
+    host_low_fraction: float = 0.10
+    """... or below this fraction of the job's limit, when smaller (t5_small at a budget 8-16% under its peak: see README)."""
     host_emergency_gb: float = 0.75
     """Drop DataLoader workers mid-epoch (the loader is rebuilt) when available host memory falls below this, in GB."""
+    host_emergency_fraction: float = 0.02
+    """... or below this fraction of the job's limit, when smaller."""
     host_headroom_gb: float = 4.0
     """Grow back toward the starting plan only while available host memory stays above this, in GB."""
+    host_headroom_fraction: float = 0.20
+    """... or above this fraction of the job's limit, when smaller."""
+    min_saving_gb: float = 0.05
+    """A compute shrink (micro-batch, checkpointing) that lowered the peak by less than this, in GB, is undone."""
+    min_saving_fraction: float = 0.02
+    """... or by less than this fraction of the job's limit, when smaller."""
     swap_growth_mb: float = 128.0
     """Swap written between two samples that counts as host pressure, in MB."""
     gpu_high_fraction: float = 0.92
@@ -41,8 +53,6 @@ class MemoryConfig:
     """Rules like [{below_available_gb: 10, min_grad_accum: 4}]: below 10 GB available, accumulate >= 4 batches."""
 
     def validate(self) -> None:
-        from lowmem_train.config.schema import ConfigError
-
         if self.probe_every < 0:
             raise ConfigError(f"--memory.probe_every must be 0 (off) or more (got {self.probe_every})")
         if self.host_budget_gb < 0:
@@ -55,6 +65,14 @@ class MemoryConfig:
                 "--memory.host_emergency_gb <= --memory.host_low_gb < --memory.host_headroom_gb must hold "
                 f"(got {self.host_emergency_gb}, {self.host_low_gb}, {self.host_headroom_gb})"
             )
+        if not 0 <= self.host_emergency_fraction <= self.host_low_fraction < self.host_headroom_fraction <= 1:
+            raise ConfigError(
+                "--memory.host_emergency_fraction <= --memory.host_low_fraction < --memory.host_headroom_fraction <= 1 "
+                f"must hold (got {self.host_emergency_fraction}, {self.host_low_fraction}, {self.host_headroom_fraction})"
+            )
+        if self.min_saving_gb < 0 or not 0 <= self.min_saving_fraction < 1:
+            raise ConfigError("--memory.min_saving_gb must be 0 or more and --memory.min_saving_fraction in [0, 1) "
+                              f"(got {self.min_saving_gb}, {self.min_saving_fraction})")
         if not self.swap_growth_mb > 0:
             raise ConfigError(f"--memory.swap_growth_mb must be positive (got {self.swap_growth_mb})")
         if not 0 < self.gpu_low_fraction < self.gpu_high_fraction <= 1:

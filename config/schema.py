@@ -10,17 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from lowmem_train.config.errors import ConfigError
 from lowmem_train.config.memory import MemoryConfig
-
-
-class ConfigError(ValueError):
-    """A user mistake in the configuration: printed as one line, exit code 2, no traceback."""
 
 
 @dataclass
 class ModelConfig:
-    type: Literal["t5", "gpt"] = "t5"
-    """Architecture: t5 (encoder-decoder, T5ForConditionalGeneration) or gpt (causal, GPT2LMHeadModel)."""
+    type: str = "t5"
+    """Model family: t5 (encoder-decoder, T5ForConditionalGeneration), gpt (causal, GPT2LMHeadModel) or another in model/families/."""
     d_model: int = 128
     """Hidden size."""
     num_layers: int = 2
@@ -59,6 +56,8 @@ class DataConfig:
     """Rows longer than max_seq_len tokens: truncate them or skip them (counted in the log either way)."""
     eval_max_samples: int = 0
     """Validation rows scored per evaluation (0 = the whole validation file)."""
+    case_column: str = "case"
+    """Validation column naming each row's case: exact match is also reported per case (ignored when absent)."""
 
 
 @dataclass
@@ -101,11 +100,13 @@ class RunConfig:
     seed: int = 23333
     """Seed of weights, data order and dropout."""
     deepspeed_config: str = "auto"
-    """DeepSpeed JSON, 'none', or auto: the launcher's DeepSpeed file, else zero2_offload.json unless 1 CPU process."""
+    """A DeepSpeed JSON path or shipped name (zero2_offload, zero2, zero3_offload), none, or auto (zero2_offload unless 1 CPU process)."""
 
     # ---- evaluation, logging, checkpoints ----------------------------------------------------------------
     logging_steps: int = 20
     """Optimizer steps between metric lines in metrics.jsonl / TensorBoard."""
+    log_every_seconds: float = 30.0
+    """Seconds between progress lines when stderr is not a terminal (a log file, Slurm, docker logs); a bar otherwise."""
     eval_steps: int = 0
     """Optimizer steps between validations (0 = at each epoch end only)."""
     patience: int = 0
@@ -116,8 +117,10 @@ class RunConfig:
     """Checkpoints kept besides the best one."""
     low_disk: Literal["warn", "stop"] = "warn"
     """Free disk below the last checkpoint's size: warn and train on unsaved, or save nothing and stop."""
-    is_keep_training: bool = False
-    """Resume from the newest complete checkpoint in output_dir."""
+    is_keep_training: bool | Literal["auto"] = False
+    """Resume from output_dir's newest complete checkpoint: true, false (a fresh run), or auto (resume if there is one)."""
+    overwrite_output_dir: bool = False
+    """Start fresh although output_dir holds a run: that run is moved aside into output_dir/previous_runs/, not deleted."""
     is_finetune: bool = False
     """Start from the weights in finetune_from with a fresh optimizer and schedule."""
     allow_batch_change: bool = False
@@ -126,6 +129,8 @@ class RunConfig:
     """Exported model folder (save_pretrained format) used by is_finetune (default: output_dir/final)."""
     force: bool = False
     """Train even when the pre-flight memory estimate says the run will not fit."""
+    peer_timeout_seconds: float = 30.0
+    """Seconds without a sign of life from another rank before this one ends (exit code 5) instead of hanging."""
     max_steps: int = 0
     """Stop after this many optimizer steps in total (0 = all epochs); the LR schedule still spans all epochs."""
 
@@ -164,6 +169,10 @@ class RunConfig:
         for name, value in non_negative.items():
             if value < 0:
                 raise ConfigError(f"--{name} must be 0 or more (got {value})")
+        if not self.peer_timeout_seconds >= 5:
+            raise ConfigError(f"--peer_timeout_seconds must be at least 5 (got {self.peer_timeout_seconds})")
+        if not self.log_every_seconds > 0:
+            raise ConfigError(f"--log_every_seconds must be positive (got {self.log_every_seconds})")
         if not self.learn_rate > 0:
             raise ConfigError(f"--learn_rate must be positive (got {self.learn_rate})")
         if self.div_factor < 1:
@@ -180,6 +189,11 @@ class RunConfig:
             raise ConfigError(
                 f"--model.d_model ({self.model.d_model}) must be divisible by --model.num_heads ({self.model.num_heads})"
             )
+        from lowmem_train.model import families  # file names only: nothing of a family is imported here
+
+        if self.model.type not in families.names():
+            raise ConfigError(f"invalid value {self.model.type!r} for --model.type; choose one of "
+                              f"{', '.join(families.names())}")
         if self.model.type == "t5" and self.model.num_decoder_layers < 1:
             raise ConfigError("--model.num_decoder_layers must be at least 1 for a t5 model")
         if self.model.vocab_size < 16:
@@ -188,11 +202,11 @@ class RunConfig:
             raise ConfigError("--train_file is empty: name a parquet file, folder or glob")
         if not self.output_dir:
             raise ConfigError("--output_dir is empty: name the run folder")
-        if self.is_keep_training and self.is_finetune:
-            raise ConfigError("--is_keep_training and --is_finetune exclude each other: resume a run or start a new one")
+        if self.is_keep_training is True and self.is_finetune:
+            raise ConfigError("--is_keep_training=True and --is_finetune exclude each other: resume a run or start a "
+                              "new one (auto resumes a fine-tuning run's own checkpoints)")
+        if self.is_keep_training is not False and self.overwrite_output_dir:
+            raise ConfigError("--overwrite_output_dir starts a fresh run; it cannot be combined with "
+                              f"--is_keep_training={self.is_keep_training}")
         self.memory.validate()
         return self
-
-    def global_batch(self, world_size: int) -> int:
-        """Samples per optimizer step over all processes; the memory guard keeps it constant."""
-        return self.batch_size_per_gpu * self.gradient_accumulation_steps * world_size

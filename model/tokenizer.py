@@ -7,12 +7,15 @@ plus the specials, BPE learns no merges and the vocabulary is character level.
 
 from __future__ import annotations
 
+import copy
 import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
+
+from lowmem_train.config.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +61,42 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
     tmp.rename(out_dir)
 
 
+def for_export(tokenizer: PreTrainedTokenizerFast, family, max_length: int) -> PreTrainedTokenizerFast:
+    """A tokenizer that encodes prompts as the family's models read them: `tok(prompt)` adds what training added
+    (the family's template), batches pad on the side generation needs, and `model_max_length` is the model's.
+    The training tokenizer stays bare: the trainer lays rows out itself (token-id rows from `prepare` never pass
+    through a tokenizer)."""
+    backend = copy.deepcopy(tokenizer.backend_tokenizer)
+    backend.post_processor = family.template(tokenizer)
+    return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=family.padding_side,
+                                   model_max_length=max_length, **SPECIAL_TOKENS)
+
+
+def unreadable(tokenizer_dir: Path, exc: BaseException) -> ConfigError:
+    return ConfigError(f"--tokenizer_dir: {Path(tokenizer_dir) / 'tokenizer.json'} is not a readable tokenizer "
+                       f"({type(exc).__name__}: {first_line(exc)[:120]}); remove the folder to train a new one, or "
+                       f"pass the folder of the tokenizer the data was made with")
+
+
+def vocab_size(tokenizer_dir: Path) -> int:
+    """The vocabulary of the tokenizer saved in tokenizer_dir, read without building a transformers tokenizer."""
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(Path(tokenizer_dir) / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    except Exception as exc:  # noqa: BLE001 - the Rust reader raises its own exception types for any damage
+        raise unreadable(tokenizer_dir, exc) from None
+
+
 def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+    except Exception as exc:  # noqa: BLE001 - damaged JSON or a file of another tokenizer kind: say which folder
+        raise unreadable(tokenizer_dir, exc) from None
     missing = [t for t in SPECIAL_TOKENS.values() if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id) and t != "[UNK]"]
     if missing:
-        raise ValueError(f"{tokenizer_dir}: tokenizer lacks the special tokens {', '.join(missing)}")
+        raise ConfigError(f"--tokenizer_dir: {tokenizer_dir} lacks the special tokens {', '.join(missing)}; remove the "
+                          f"folder to train a new one")
     return tokenizer
 
 

@@ -19,12 +19,12 @@ import torch
 from accelerate import Accelerator, DeepSpeedPlugin
 from accelerate.utils import DistributedType, DummyOptim, InitProcessGroupKwargs
 
-from lowmem_train.config.schema import ConfigError, RunConfig
+from lowmem_train.config.errors import ConfigError, first_line
+from lowmem_train.config.schema import RunConfig
+from lowmem_train.config.shipped import DS_CONFIG_DIR, ds_config_file
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-DS_CONFIG_DIR = PROJECT_ROOT / "ds_configs"
 WORKING_CPU_COMMAND = "accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml train_low_mem.py train"
 
 
@@ -33,6 +33,7 @@ class Backend:
     accelerator: Accelerator
     ds_config: dict | None  # the resolved DeepSpeed config, None on the plain Accelerate path
     precision: str  # "fp32", "bf16" or "fp16": what the forward pass really runs in
+    engine: Any = None  # the DeepSpeedEngine, once prepare() made it
 
     @property
     def uses_deepspeed(self) -> bool:
@@ -41,6 +42,11 @@ class Backend:
     @property
     def zero_stage(self) -> int:
         return int(self.ds_config["zero_optimization"].get("stage", 0)) if self.ds_config else 0
+
+    @property
+    def offloads_optimizer(self) -> bool:
+        zero = (self.ds_config or {}).get("zero_optimization", {})
+        return zero.get("offload_optimizer", {}).get("device") == "cpu"
 
     @property
     def world_size(self) -> int:
@@ -53,6 +59,30 @@ class Backend:
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    def model_init(self):
+        """The context to build the model in. Under ZeRO-3 each parameter is partitioned as it is created
+        (deepspeed.zero.Init): no rank ever holds the whole model, which is what ZeRO-3 is for (accelerate's
+        zero3_init_flag does the same for models loaded with from_pretrained; ours are built from a config)."""
+        import contextlib
+
+        if self.zero_stage != 3:
+            return contextlib.nullcontext()
+        import deepspeed
+
+        return deepspeed.zero.Init(config_dict_or_path=self.ds_config)
+
+    def prepare(self, model: torch.nn.Module, optimizer):
+        """accelerate's prepare; under DeepSpeed the model it returns is the DeepSpeedEngine, kept as `engine`."""
+        model, optimizer = self.accelerator.prepare(model, optimizer)
+        if self.uses_deepspeed:
+            self.engine = model
+        return model, optimizer
+
+    def describe(self) -> str:
+        if not self.uses_deepspeed:
+            return "plain Accelerate (no DeepSpeed)"
+        return f"DeepSpeed ZeRO-{self.zero_stage}" + (" + optimizer offload to CPU" if self.offloads_optimizer else "")
 
 
 def launched_world_size() -> int:
@@ -76,7 +106,8 @@ def choose_precision(requested: str) -> str:
     return {"no": "fp32"}.get(requested, requested)
 
 
-def choose_ds_config_path(cfg: RunConfig) -> Path | None:
+def choose_ds_config_path(cfg: RunConfig, world_size: int) -> Path | None:
+    """The DeepSpeed JSON a run of `world_size` processes uses, or None for plain Accelerate."""
     choice = cfg.deepspeed_config
     if choice == "none":
         return None
@@ -84,17 +115,11 @@ def choose_ds_config_path(cfg: RunConfig) -> Path | None:
         from_launcher = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")  # accelerate launch --config_file X.yaml
         if from_launcher and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true":
             choice = from_launcher
-        elif launched_world_size() == 1 and not torch.cuda.is_available():
+        elif world_size == 1 and not torch.cuda.is_available():
             return None  # one CPU process: ZeRO has nothing to partition, plain AdamW is faster
         else:
             return DS_CONFIG_DIR / "zero2_offload.json"
-    path = Path(choice)
-    if not path.is_file() and (DS_CONFIG_DIR / path.name).is_file() and path.parent == Path("."):
-        path = DS_CONFIG_DIR / path.name
-    if not path.is_file():
-        shipped = ", ".join(sorted(p.name for p in DS_CONFIG_DIR.glob("*.json")))
-        raise ConfigError(f"--deepspeed_config: {choice} not found (shipped: {shipped}; or 'none' / 'auto')")
-    return path
+    return ds_config_file(choice)
 
 
 def fill_ds_config(raw: dict, cfg: RunConfig, micro_batch: int, grad_accum: int, world_size: int, precision: str) -> dict:
@@ -126,14 +151,18 @@ def fill_ds_config(raw: dict, cfg: RunConfig, micro_batch: int, grad_accum: int,
     return ds
 
 
-def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int) -> Backend:
-    """Create the Accelerator; refuse launches that would train ranks independently."""
+def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int, load_universal: bool = False) -> Backend:
+    """Create the Accelerator; refuse launches that would train ranks independently.
+
+    `load_universal`: the checkpoint to resume was written by another number of processes and is loaded in
+    DeepSpeed's universal format (checkpoint.py converts it); DeepSpeed reads the switch from its config."""
     precision = choose_precision(cfg.mixed_precision)
     if precision != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"--mixed_precision={cfg.mixed_precision} needs a GPU; use auto or no on CPU")
-    ds_path = choose_ds_config_path(cfg)
     world = launched_world_size()
-    # On CPU the process group must be gloo, or accelerate quietly runs every rank alone (NOTES).
+    ds_path = choose_ds_config_path(cfg, world)
+    # On CPU the process group must be gloo, or accelerate quietly runs every rank alone (each rank would report
+    # one process and the data would not be sharded).
     handlers = [InitProcessGroupKwargs(backend="gloo")] if world > 1 and not torch.cuda.is_available() else []
     plugin = None
     ds_config = None
@@ -142,6 +171,8 @@ def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int) -> Backend:
             os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                               MASTER_PORT=str(free_port()))
         ds_config = fill_ds_config(json.loads(ds_path.read_text()), cfg, micro_batch, grad_accum, world, precision)
+        if load_universal:
+            ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
         plugin = DeepSpeedPlugin(hf_ds_config=ds_config)
     not_connected = (f"{world} processes were launched but they are not connected: they would train {world} separate "
                      f"models. On a machine without GPUs run: {WORKING_CPU_COMMAND}")
@@ -158,8 +189,7 @@ def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int) -> Backend:
         )
     except (ValueError, RuntimeError) as exc:  # WORLD_SIZE > 1 but no launcher set up a rendezvous
         if world > 1:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{not_connected} ({reason})") from None
+            raise ConfigError(f"{not_connected} ({first_line(exc)})") from None
         raise
     if world > 1 and (accelerator.num_processes == 1 or accelerator.distributed_type == DistributedType.NO):
         raise ConfigError(f"{not_connected} (accelerate made DistributedType.{accelerator.distributed_type.name})")
@@ -183,14 +213,11 @@ def make_optimizer(backend: Backend, model: torch.nn.Module, cfg: RunConfig):
     return torch.optim.AdamW(groups, lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available())
 
 
-def deepspeed_engine(backend: Backend):
-    return backend.accelerator.deepspeed_engine_wrapped.engine if backend.uses_deepspeed else None
-
-
 def accumulation_divisor(backend: Backend) -> int:
     """What the backend divides each micro-batch loss by: DeepSpeed's count under DeepSpeed, else accelerate's."""
-    engine = deepspeed_engine(backend)
-    return engine.gradient_accumulation_steps() if engine is not None else backend.accelerator.gradient_accumulation_steps
+    if backend.engine is not None:
+        return backend.engine.gradient_accumulation_steps()
+    return backend.accelerator.gradient_accumulation_steps
 
 
 def set_batch_plan(backend: Backend, micro_batch: int, grad_accum: int) -> None:
@@ -200,18 +227,8 @@ def set_batch_plan(backend: Backend, micro_batch: int, grad_accum: int) -> None:
     global batch is set right after it, which recomputes accumulation. Accelerate keeps its own count.
     """
     backend.accelerator.gradient_accumulation_steps = grad_accum
-    engine = deepspeed_engine(backend)
+    engine = backend.engine
     if engine is not None:
         engine.set_train_micro_batch_size(micro_batch)
         engine.set_train_batch_size(micro_batch * grad_accum * backend.world_size)
         assert engine.gradient_accumulation_steps() == grad_accum, "DeepSpeed disagrees on accumulation"
-
-
-def all_reduce(backend: Backend, values: list[float], op: str = "sum") -> list[float]:
-    """Reduce a few numbers over all ranks ("sum", "max" or "min"); the identity on one process."""
-    if backend.world_size == 1:
-        return list(values)
-    t = torch.tensor(values, dtype=torch.float64, device=backend.accelerator.device)
-    torch.distributed.all_reduce(t, op={"sum": torch.distributed.ReduceOp.SUM, "max": torch.distributed.ReduceOp.MAX,
-                                        "min": torch.distributed.ReduceOp.MIN}[op])
-    return t.tolist()

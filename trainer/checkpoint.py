@@ -1,117 +1,42 @@
 """Crash-safe checkpoints: save, find the newest complete one, load, prune, export the final model.
 
-Layout:  output_dir/checkpoints/step_00000123/{train_state.json, config.yaml, model/, rng/rank_*.pt}
-                                 latest            (text: the name of the newest complete checkpoint)
-
-A checkpoint is written into `.step_XXXX.tmp/` by every rank, then rank 0 writes `train_state.json` LAST,
-fsyncs, and renames the folder into place; only then is `latest` replaced (write + rename). So a folder named
-step_* with a readable train_state.json is complete, and anything else is debris from a killed run that the
-next save removes. Model and optimizer use DeepSpeed's own format under DeepSpeed (one optimizer shard per
-rank), safetensors + a weights_only torch file otherwise.
+A checkpoint (layout in files.py) is written into `.step_XXXX.tmp/` by every rank, then rank 0 writes
+`train_state.json` LAST, fsyncs, and renames the folder into place; only then is `latest` replaced (write +
+rename). So a folder named step_* with a readable train_state.json is complete, and anything else is debris from
+a killed run that the next save removes. Model and optimizer use DeepSpeed's own format under DeepSpeed (one
+optimizer shard per rank), safetensors + a weights_only torch file otherwise.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shutil
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, load_model, save_model
 
+from lowmem_train.config.errors import ConfigError
 from lowmem_train.config.loader import config_from_dict, config_to_dict, save_config
-from lowmem_train.config.schema import ConfigError, RunConfig
-from lowmem_train.trainer.backend import Backend, all_reduce, deepspeed_engine
+from lowmem_train.config.schema import RunConfig
+from lowmem_train.model import families
+from lowmem_train.trainer import distributed
+from lowmem_train.trainer.backend import Backend
+from lowmem_train.trainer.compat import zero3_local_shard
 from lowmem_train.trainer.cpu_adam_resume import replay_bias_correction
 from lowmem_train.trainer.faults import KILL_IN_SAVE
+from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, DS_UNIVERSAL_TAG, STATE_FILE, ResumePoint,
+                                        checkpoint_name, complete_checkpoints, dir_size, fsync_dir, fsync_tree,
+                                        library_versions, read_checkpoint, write_model_folder)
+from lowmem_train.trainer.state import TrainState
 
 log = logging.getLogger(__name__)
-STATE_FILE = "train_state.json"
-DS_TAG = "ds"
-DS_UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's layout-free format, for resuming on another number of processes
 
 
-@dataclass
-class TrainState:
-    """The loop's own state; with the model/optimizer files it is everything a resume needs."""
-
-    step: int = 0
-    epoch: int = 0
-    samples_seen: int = 0  # global samples consumed in `epoch`
-    best_loss: float = math.inf
-    bad_evals: int = 0
-    eval_loss: float | None = None  # validation loss when this checkpoint was written (for "keep best")
-    plan: dict = field(default_factory=dict)
-    world_size: int = 1
-    global_batch: int = 0
-
-    def position(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "samples_seen": self.samples_seen}
-
-    def state_dict(self) -> dict:
-        d = asdict(self)
-        d["best_loss"] = None if math.isinf(self.best_loss) else self.best_loss
-        return d
-
-    @classmethod
-    def from_state_dict(cls, d: dict) -> "TrainState":
-        d = dict(d)
-        d["best_loss"] = math.inf if d.get("best_loss") is None else d["best_loss"]
-        return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
-
-
-@dataclass
-class ResumePoint:
-    path: Path
-    state: TrainState
-    config: dict
-    tokenizer: str | None = None  # fingerprint of the vocabulary the checkpoint was trained with
-
-    @property
-    def plan(self) -> dict:
-        return self.state.plan
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints under `root` (output_dir/checkpoints), newest first (by step, not by file time)."""
-    if not root.is_dir():
-        return []
-    found = [p for p in root.glob("step_*") if p.is_dir() and (p / STATE_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name, reverse=True)
-
-
-def read_checkpoint(path: Path) -> ResumePoint:
-    """Parse and sanity-check a checkpoint's metadata; raises ValueError naming what is wrong."""
-    try:
-        meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-        state = TrainState.from_state_dict(meta["train_state"])
-        config = meta["config"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"{path / STATE_FILE} is unreadable ({type(exc).__name__}: {exc})") from None
-    for name, size in meta.get("files", {}).items():
-        if not (path / name).is_file() or (path / name).stat().st_size != size:
-            raise ValueError(f"{path / name} is missing or truncated")
-    return ResumePoint(path, state, config, meta.get("tokenizer"))
-
-
-def fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class OutOfDisk(RuntimeError):
+    """Too little free disk for a checkpoint, and --low_disk=stop: nothing was saved."""
 
 
 def rng_state() -> dict[str, torch.Tensor]:
@@ -126,18 +51,6 @@ def set_rng_state(state: dict[str, torch.Tensor]) -> None:
     torch.set_rng_state(state["cpu"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
-
-
-def library_versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("torch", "accelerate", "deepspeed", "transformers", "pyarrow"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            pass
-    return out
 
 
 def convert_to_universal(source: Path, target: Path) -> None:
@@ -159,65 +72,54 @@ def convert_to_universal(source: Path, target: Path) -> None:
     tmp.rename(target)
 
 
-def dir_size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+def needs_universal(point: ResumePoint | None, world_size: int) -> bool:
+    """A DeepSpeed checkpoint written by another number of processes: ZeRO shards are tied to the process count,
+    so it is loaded in DeepSpeed's universal format (the backend must be told before the engine exists)."""
+    return (point is not None and (point.path / "model" / DS_TAG).is_dir()
+            and point.state.world_size != world_size)
 
 
 class Checkpointer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
-        self.root = Path(cfg.output_dir) / "checkpoints"
+        self.root = Path(cfg.output_dir) / CHECKPOINTS
         self.backend: Backend | None = None
         self.vocab: str | None = None  # fingerprint of the run's tokenizer, saved with every checkpoint
+        self.saved: set[int] = set()  # steps this run saved (a second save at the same step is the same state)
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
 
-    # ---- finding ---------------------------------------------------------------------------------------------
-    def complete_checkpoints(self) -> list[Path]:
-        return complete_checkpoints(self.root)
-
-    def read(self, path: Path) -> ResumePoint:
-        return read_checkpoint(path)
-
-    def find_resume(self) -> ResumePoint | None:
-        """The newest complete, intact checkpoint; broken ones are skipped with a warning naming them."""
-        for path in self.complete_checkpoints():
-            try:
-                return self.read(path)
-            except ValueError as exc:
-                log.warning("skipping checkpoint %s: %s", path.name, exc)
-        log.warning("--is_keep_training: no complete checkpoint in %s, starting from scratch", self.root)
-        return None
-
     # ---- saving ----------------------------------------------------------------------------------------------
     def save(self, state: TrainState, model, optimizer, last_eval) -> Path | None:
         backend = self.backend
-        acc = backend.accelerator
-        name = f"step_{state.step:08d}"
+        name = checkpoint_name(state.step)
         final, tmp = self.root / name, self.root / f".{name}.tmp"
-        if final.exists():
-            return final  # already saved at this step (e.g. epoch end right after a save_steps save)
+        if state.step in self.saved:
+            return final  # saved at this step already (e.g. an epoch end right after a save_steps save)
         if not self.has_disk_space():
             return None
         state.eval_loss = None if last_eval is None else last_eval.loss
         if backend.is_main:
+            if final.exists():  # not ours: a checkpoint that did not read back when this run started
+                log.warning("replacing %s: it is not a checkpoint of this run (it did not read back at start)", final)
+                shutil.rmtree(final)
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
-        acc.wait_for_everyone()
-        engine = deepspeed_engine(backend)
-        if engine is not None:  # every rank writes its optimizer shard
-            engine.save_checkpoint(str(tmp / "model"), tag=DS_TAG, client_state={}, save_latest=False)
+        distributed.barrier(backend)
+        if backend.engine is not None:  # every rank writes its optimizer shard
+            backend.engine.save_checkpoint(str(tmp / "model"), tag=DS_TAG, client_state={}, save_latest=False)
         elif backend.is_main:
             (tmp / "model").mkdir()
-            save_model(acc.unwrap_model(model), str(tmp / "model" / "model.safetensors"))  # handles tied weights
+            save_model(backend.accelerator.unwrap_model(model), str(tmp / "model" / "model.safetensors"))  # tied weights
             torch.save(optimizer.state_dict(), tmp / "model" / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng" / f"rank_{backend.rank:05d}.pt")
         KILL_IN_SAVE.after_files_written()
-        acc.wait_for_everyone()
+        distributed.barrier(backend)
         if backend.is_main:
             self._commit(tmp, final, state)
-        acc.wait_for_everyone()
+        distributed.barrier(backend)
+        self.saved.add(state.step)
         return final
 
     def _commit(self, tmp: Path, final: Path, state: TrainState) -> None:
@@ -241,30 +143,28 @@ class Checkpointer:
 
     def has_disk_space(self) -> bool:
         """Refuse to start a checkpoint the disk cannot hold (measured against the previous one)."""
-        previous = self.complete_checkpoints()
+        previous = complete_checkpoints(self.root)
         if not previous:
             return True
         self.root.mkdir(parents=True, exist_ok=True)
         need = int(dir_size(previous[0]) * 1.1)
         free = shutil.disk_usage(self.root).free
-        ok = free >= need
-        ok = bool(all_reduce(self.backend, [float(ok)], "min")[0])  # every rank must take the same branch
-        if ok:
+        if distributed.agree_all(self.backend, free >= need):  # every rank must take the same branch
             return True
         message = f"free disk {free / 2**30:.2f} GB in {self.root} < {need / 2**30:.2f} GB needed for a checkpoint"
         if self.cfg.low_disk == "stop":
-            raise SystemExit(f"error: {message}; stopping (--low_disk=stop). Free space and resume with --is_keep_training=True")
+            raise OutOfDisk(f"{message}; stopping (--low_disk=stop). Free space and resume with --is_keep_training=True")
         log.warning("%s: NOT saved, training on (--low_disk=warn)", message)
         return False
 
     def prune(self) -> None:
         """Keep the newest keep_latest_n_ckp and the best by validation loss; remove debris of killed saves."""
-        ckpts = self.complete_checkpoints()
+        ckpts = complete_checkpoints(self.root)
         keep = set(ckpts[: self.cfg.keep_latest_n_ckp])
         scored = []
         for p in ckpts:
             try:
-                scored.append((self.read(p).state.eval_loss, p))
+                scored.append((read_checkpoint(p).state.eval_loss, p))
             except ValueError:
                 continue
         scored = [(loss, p) for loss, p in scored if loss is not None]
@@ -284,13 +184,13 @@ class Checkpointer:
     def load(self, point: ResumePoint, model, optimizer) -> TrainState:
         backend = self.backend
         state = point.state
-        engine = deepspeed_engine(backend)
+        engine = backend.engine
         saved_with_ds = (point.path / "model" / DS_TAG).is_dir()
         if saved_with_ds != (engine is not None):
             raise ConfigError(f"{point.path} was saved {'with' if saved_with_ds else 'without'} DeepSpeed; resume "
                               f"with the same --deepspeed_config, or export it and use --is_finetune")
         if engine is not None:
-            tag = DS_UNIVERSAL_TAG if state.world_size != backend.world_size else DS_TAG
+            tag = DS_UNIVERSAL_TAG if needs_universal(point, backend.world_size) else DS_TAG
             engine.load_checkpoint(str(point.path / "model"), tag=tag, load_optimizer_states=True,
                                    load_lr_scheduler_states=False, load_module_strict=True)
             replay_bias_correction(engine)
@@ -303,24 +203,24 @@ class Checkpointer:
             set_rng_state(torch.load(rng, weights_only=True))
         else:  # another world size: fresh but deterministic streams per rank
             torch.manual_seed(self.cfg.seed + 1000 * state.step + backend.rank)
-        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch", point.path.name, state.epoch + 1,
-                 state.step, state.samples_seen)
+        self.saved.add(state.step)  # that checkpoint holds this very state: saving it again would only risk it
+        log.info("resumed from %s: epoch %d, step %d, %d samples into the epoch", point.path.name,
+                 state.position.epoch + 1, state.step, state.position.samples_seen)
         return state
 
     def prepare_world_size_change(self, point: ResumePoint) -> None:
         """Before the engine exists: a DeepSpeed checkpoint from another number of processes is converted once
-        to DeepSpeed's universal format (ZeRO shards are tied to the process count), and the engine is told
-        to load that format. Exact for weights and Adam moments (checked 2->1 and 1->2 on ZeRO-2 offload)."""
+        to DeepSpeed's universal format (the backend was built to load it: needs_universal). Exact for weights and
+        Adam moments (checked 2->1 and 1->2 on ZeRO-2 offload)."""
         backend = self.backend
-        if not backend.uses_deepspeed or point.state.world_size == backend.world_size:
+        if not backend.uses_deepspeed or not needs_universal(point, backend.world_size):
             return
         if backend.zero_stage not in (1, 2, 3):
             raise ConfigError(f"{point.path}: resuming on {backend.world_size} processes needs ZeRO stage 1-3")
         target = point.path / "model" / DS_UNIVERSAL_TAG
         if backend.is_main and not target.is_dir():
             convert_to_universal(point.path / "model" / DS_TAG, target)
-        backend.accelerator.wait_for_everyone()
-        backend.accelerator.state.deepspeed_plugin.deepspeed_config["checkpoint"] = {"load_universal": True}
+        distributed.barrier(backend)
         log.info("checkpoint %s was written by %d process(es); loading its universal form on %d",
                  point.path.name, point.state.world_size, backend.world_size)
 
@@ -347,7 +247,14 @@ class Checkpointer:
         weights = source / "model.safetensors"
         if not weights.is_file():
             raise ConfigError(f"--is_finetune: no model.safetensors in {source}; set --finetune_from to an exported model")
-        missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        params = list(model.parameters())
+        if zero3_local_shard(params[0]) is not None:  # built partitioned (ZeRO-3): gather, load on rank 0, re-split
+            import deepspeed
+
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+                missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
+        else:
+            missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
         missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
         if missing or unexpected:
             raise ConfigError(f"--is_finetune: {source} does not match the configured model "
@@ -358,13 +265,12 @@ class Checkpointer:
     # ---- the final model ---------------------------------------------------------------------------------------
     def export_final(self, model, tokenizer, step: int) -> Path:
         """The trained model as a plain HF folder (safetensors) + tokenizer in output_dir/final, atomically."""
-        from lowmem_train.trainer.export import write_folder
-
-        acc = self.backend.accelerator
-        state_dict = acc.get_state_dict(model)  # a collective under ZeRO-3: every rank calls it
+        backend = self.backend
+        state_dict = distributed.full_state_dict(backend, model)
         final = Path(self.cfg.output_dir) / "final"
-        if self.backend.is_main:
-            write_folder(acc.unwrap_model(model), tokenizer, final, {"run": str(self.cfg.output_dir), "step": step,
-                         "weights": "end of training"}, state_dict=state_dict)
-        acc.wait_for_everyone()
+        if backend.is_main:
+            write_model_folder(backend.accelerator.unwrap_model(model), tokenizer, families.get(self.cfg.model.type),
+                               self.cfg.max_seq_len, final, {"run": str(self.cfg.output_dir), "step": step,
+                                                             "weights": "end of training"}, state_dict=state_dict)
+        distributed.barrier(backend)
         return final

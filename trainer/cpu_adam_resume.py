@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from lowmem_train.trainer.compat import cpu_adam_step
+
 
 def replay_bias_correction(engine) -> int:
     """Bring the C++ beta powers of a just-loaded CPU Adam to step s the way training would have; returns s."""
@@ -26,9 +28,6 @@ def replay_bias_correction(engine) -> int:
     if not steps:
         return 0
     empty = torch.empty(0, dtype=torch.float32)
-    group = optimizer.param_groups[0]
-    beta1, beta2 = group["betas"]
     for step in range(1, max(steps) + 1):
-        optimizer.ds_opt_adam.adam_update(optimizer.opt_id, step, group["lr"], beta1, beta2, group["eps"],
-                                          group["weight_decay"], group["bias_correction"], empty, empty, empty, empty)
+        cpu_adam_step(optimizer, step, optimizer.param_groups[0], empty)
     return max(steps)

@@ -1,8 +1,9 @@
 """Validation over the whole validation split, sharded across ranks and summed: loss, perplexity and
-exact-match accuracy of greedy generation. (The prior art scored the last batch only.)
+exact-match accuracy of greedy generation, overall and per case. (The prior art scored the last batch only.)
 
 Rank r scores rows r, r+W, r+2W, ...; every rank runs the same number of batches (short ranks pad with
-zero-weight rows) because under ZeRO-3 a forward pass is a collective.
+zero-weight rows) because under ZeRO-3 a forward pass is a collective. A validation file with a `case` column
+(data.case_column; the bundled task has one) gets exact match per case too.
 """
 
 from __future__ import annotations
@@ -13,11 +14,12 @@ from itertools import islice
 
 import torch
 
-from lowmem_train.trainer.backend import Backend, all_reduce
-from lowmem_train.model.generate import decode_answers, pad_prompts
-from lowmem_train.trainer.data.encode import IGNORE_INDEX, Encoder, collate
+from lowmem_train.model.families.base import IGNORE_INDEX
+from lowmem_train.model.generate import generate_batch
+from lowmem_train.trainer import distributed
+from lowmem_train.trainer.backend import Backend
+from lowmem_train.trainer.data.encode import Encoder, collate
 from lowmem_train.trainer.data.source import ParquetIndex, iter_rows
-from lowmem_train.trainer.step import token_loss_sum
 
 
 @dataclass
@@ -26,33 +28,40 @@ class EvalResult:
     exact_match: float
     samples: int
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, expected, predicted)
+    by_case: dict[str, tuple[int, int]] = field(default_factory=dict)  # case -> (correct, scored)
 
     @property
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 50.0))
 
-
-def prompt_length(labels: list[int]) -> int:
-    """Causal rows: the prompt and [SEP] are the leading masked labels."""
-    return next((i for i, t in enumerate(labels) if t != IGNORE_INDEX), len(labels))
+    def describe_cases(self) -> str:
+        """'no zero 99.8% (812), inner zero 97.1% (410), ...', or '' without cases."""
+        return ", ".join(f"{case} {100 * c / max(n, 1):.1f}% ({n})" for case, (c, n) in self.by_case.items())
 
 
 class Evaluator:
     def __init__(self, backend: Backend, index: ParquetIndex, encoder: Encoder, batch_size: int, max_samples: int = 0):
         self.backend, self.index, self.encoder = backend, index, encoder
         self.batch_size, self.max_samples = max(1, batch_size), max_samples
-        self.tokenizer = encoder.tokenizer
+        self.tokenizer, self.family = encoder.tokenizer, encoder.family
+        self.has_cases = len(index.columns) > 2  # (prompt, response, case)
 
-    def rows_of_this_rank(self) -> tuple[list[tuple], int]:
-        """This rank's rows, padded to the same count on every rank; returns (rows, real row count)."""
+    def rows_of_this_rank(self) -> tuple[list[tuple], int, list[str]]:
+        """This rank's rows, padded to the same count on every rank; (rows, real row count, every case name in
+        order of first appearance: the same list on every rank)."""
         total = self.index.num_rows if not self.max_samples else min(self.max_samples, self.index.num_rows)
         rank, world = self.backend.rank, self.backend.world_size
-        mine = [row for i, row in enumerate(islice(iter_rows(self.index), total)) if i % world == rank]
+        mine, cases = [], {}
+        for i, row in enumerate(islice(iter_rows(self.index), total)):
+            if self.has_cases:
+                cases.setdefault(str(row[2]), None)
+            if i % world == rank:
+                mine.append(row)
         per_rank = -(-total // world)
         real = len(mine)
         while mine and len(mine) < per_rank:
             mine.append(mine[-1])
-        return mine, real
+        return mine, real, list(cases)
 
     @torch.no_grad()
     def run(self, model) -> EvalResult:
@@ -60,8 +69,9 @@ class Evaluator:
         net = backend.accelerator.unwrap_model(model)
         was_training = net.training
         net.eval()
-        rows, real = self.rows_of_this_rank()
+        rows, real, cases = self.rows_of_this_rank()
         loss_sum = tokens = correct = counted = 0.0
+        case_correct, case_counted = dict.fromkeys(cases, 0.0), dict.fromkeys(cases, 0.0)
         examples: list[tuple[str, str, str]] = []
         for start in range(0, len(rows), self.batch_size):
             chunk = rows[start:start + self.batch_size]
@@ -74,22 +84,30 @@ class Evaluator:
             batch = {k: v.to(backend.accelerator.device) for k, v in collate(pairs, tok.pad_token_id, self.encoder.model_type).items()}
             keep = torch.tensor(weights, device=batch["labels"].device).bool()
             batch["labels"] = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
-            loss_sum += float(token_loss_sum(net, batch))
+            loss_sum += float(self.family.token_loss_sum(net, batch))
             tokens += int((batch["labels"] != IGNORE_INDEX).sum())
             predicted = self.generate(net, pairs)
-            for (prompt, expected), pred, w in zip(((r[0], r[1]) for r in chunk), predicted, weights):
-                if w:
-                    hit = pred.replace(" ", "") == self.normalise(expected)
-                    correct += hit
-                    counted += 1
-                    if len(examples) < 3 and backend.is_main:
-                        examples.append((str(prompt), str(expected), pred))
+            for row, pred, w in zip(chunk, predicted, weights):
+                if not w:
+                    continue
+                hit = pred.replace(" ", "") == self.normalise(row[1])
+                correct += hit
+                counted += 1
+                if self.has_cases:
+                    case_correct[str(row[2])] += hit
+                    case_counted[str(row[2])] += 1
+                if len(examples) < 3 and backend.is_main:
+                    examples.append((str(row[0]), str(row[1]), pred))
         self.encoder.take_stats()  # validation rows are not training statistics
         if was_training:
             net.train()
-        loss_sum, tokens, correct, counted = all_reduce(backend, [loss_sum, tokens, correct, counted])
+        totals = distributed.sum_(backend, [loss_sum, tokens, correct, counted, *case_correct.values(),
+                                            *case_counted.values()])
+        loss_sum, tokens, correct, counted = totals[:4]
+        per_case = totals[4:]
+        by_case = {case: (int(per_case[i]), int(per_case[len(cases) + i])) for i, case in enumerate(cases)}
         return EvalResult(loss=loss_sum / max(tokens, 1), exact_match=correct / max(counted, 1), samples=int(counted),
-                          examples=examples)
+                          examples=examples, by_case=by_case)
 
     def normalise(self, text) -> str:
         """The expected answer as the tokenizer would give it back (NFKC, no spaces)."""
@@ -100,13 +118,10 @@ class Evaluator:
         return self.tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "")
 
     def generate(self, net, pairs: list[tuple[list[int], list[int]]]) -> list[str]:
-        """Greedy answers for a batch of encoded rows (prompts padded as the `generate` command pads them)."""
-        tok, device = self.tokenizer, self.backend.accelerator.device
-        kind, limit = self.encoder.model_type, self.encoder.max_seq_len
+        """Greedy answers for a batch of encoded rows (prompts laid out and padded as `generate` does it)."""
+        prompts = [self.family.prompt_of(ids, labels) for ids, labels in pairs]
+        room = self.family.generation_room(self.encoder.max_seq_len, max(len(p) for p in prompts))
         synced = self.backend.zero_stage == 3 and self.backend.world_size > 1
-        prompts = [ids if kind == "t5" else ids[: prompt_length(labels)] for ids, labels in pairs]
-        inputs, mask = pad_prompts(prompts, tok.pad_token_id, kind)
-        room = limit if kind == "t5" else max(1, limit - inputs.shape[1])  # gpt: positions end at max_seq_len
-        out = net.generate(input_ids=inputs.to(device), attention_mask=mask.to(device), max_new_tokens=room,
-                           do_sample=False, num_beams=1, synced_gpus=synced)
-        return [a.replace(" ", "") for a in decode_answers(tok, out, inputs.shape[1], kind)]
+        answers = generate_batch(net, self.tokenizer, self.family, prompts, room, do_sample=False, num_beams=1,
+                                 synced_gpus=synced)
+        return [a.replace(" ", "") for a in answers]

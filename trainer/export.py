@@ -1,8 +1,10 @@
-"""The `export` command: a training checkpoint -> a plain Hugging Face model folder (safetensors + tokenizer).
+"""A training checkpoint -> a plain Hugging Face model folder (safetensors + tokenizer): the `export` command's work.
 
 The folder loads with `AutoModelForSeq2SeqLM` / `AutoModelForCausalLM` and `AutoTokenizer.from_pretrained`,
-without this project. The model is rebuilt from the config saved IN the checkpoint (not from today's presets),
-and the weights are checked tensor by tensor against it, so a mismatch is refused instead of half-loaded.
+without this project, and answers through the plain calls (`model.generate(**tok(prompt, return_tensors="pt"))`):
+its tokenizer lays prompts out as training did (files.write_model_folder). The model is rebuilt from the config
+saved IN the checkpoint (not from today's presets), and the weights are checked tensor by tensor against it, so
+a mismatch is refused instead of half-loaded.
 
 Under DeepSpeed the fp32 weights are spread over the ranks' optimizer shards; DeepSpeed's zero_to_fp32 joins
 them offline, in one process, whatever number of processes wrote them. It unpickles those shards
@@ -11,50 +13,45 @@ them offline, in one process, whatever number of processes wrote them. It unpick
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
-from lowmem_train.config.schema import ConfigError
+from lowmem_train.config.errors import ConfigError, first_line
+from lowmem_train.config.shipped import ROOT
+from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, STATE_FILE, ResumePoint, newest_intact, read_checkpoint,
+                                        write_model_folder)
 
 log = logging.getLogger(__name__)
 
-HELP = "export a checkpoint as a Hugging Face model folder (safetensors + tokenizer) for from_pretrained"
-PROJECT_ROOT = Path(__file__).resolve().parent.parent  # relative tokenizer_dir values are usually relative to it
-STATE_FILE = "train_state.json"  # a checkpoint's completion marker (see checkpoint.py)
-DS_TAG = "ds"  # the tag checkpoint.py saves DeepSpeed state under
+
+@dataclass
+class ExportResult:
+    point: ResumePoint
+    output: Path
+    model_type: str
+    parameters: int
+    weights: str  # "deepspeed" (ZeRO shards joined) or "safetensors"
 
 
-def add_arguments(parser) -> None:
-    parser.add_argument("--checkpoint", required=True, metavar="PATH",
-                        help="a checkpoint folder (RUN/checkpoints/step_*), the RUN/checkpoints/latest file, or a run "
-                             "folder (its newest complete checkpoint)")
-    parser.add_argument("--output", required=True, metavar="DIR", help="folder to write the model and tokenizer to")
-    parser.add_argument("--tokenizer_dir", default="", metavar="DIR",
-                        help="tokenizer folder (default: the tokenizer_dir saved in the checkpoint's config)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier export")
-
-
-def run(args, cfg) -> int:
-    output = check_output(Path(args.output), args.overwrite)
-    point = find_checkpoint(Path(args.checkpoint))
+def export_checkpoint(checkpoint: Path, output: Path, tokenizer_dir: str = "", overwrite: bool = False) -> ExportResult:
+    """Export the checkpoint `checkpoint` means (a step_* folder, `latest`, or a run folder) into `output`."""
+    output = check_output(output, overwrite)
+    point = find_checkpoint(checkpoint)
     from lowmem_train.config.loader import config_from_dict
-    from lowmem_train.model.build import build_model, count_parameters
+    from lowmem_train.model import families
+    from lowmem_train.model.build import build_model
 
     run_cfg = config_from_dict(point.config, where=str(point.path / STATE_FILE))
     run_cfg.gradient_checkpointing = False  # a training-time memory choice; it would turn the KV cache off
-    tokenizer, tokenizer_dir = load_saved_tokenizer(run_cfg.tokenizer_dir, args.tokenizer_dir, point.path)
+    tokenizer, tokenizer_dir = load_saved_tokenizer(run_cfg.tokenizer_dir, tokenizer_dir, point.path)
     state_dict, source = read_weights(point.path)
     model = build_model(run_cfg, tokenizer)
     load_weights(model, state_dict, point.path, tokenizer_dir)
-    provenance = {"checkpoint": str(point.path.resolve()), "step": point.state.step, "epoch": point.state.epoch,
+    provenance = {"checkpoint": str(point.path.resolve()), "step": point.state.step, "epoch": point.state.position.epoch,
                   "model_type": run_cfg.model.type, "weights": source, "tokenizer_dir": str(tokenizer_dir)}
-    write_folder(model, tokenizer, output, provenance)
-    log.info("exported %s (%s, %.2f M parameters, step %d, %s) to %s; try: python train_low_mem.py generate --model %s "
-             "--prompt 12345", point.path, run_cfg.model.type, count_parameters(model) / 1e6, point.state.step, source,
-             output, output)
-    return 0
+    write_model_folder(model, tokenizer, families.get(run_cfg.model.type), run_cfg.max_seq_len, output, provenance)
+    return ExportResult(point, output, run_cfg.model.type, sum(p.numel() for p in model.parameters()), source)
 
 
 def check_output(output: Path, overwrite: bool) -> Path:
@@ -71,13 +68,10 @@ def check_output(output: Path, overwrite: bool) -> Path:
     return output
 
 
-def find_checkpoint(path: Path):
-    """A checkpoint, the `latest` file or a run folder -> the intact checkpoint it means (a ResumePoint)."""
+def find_checkpoint(path: Path) -> ResumePoint:
+    """A checkpoint, the `latest` file or a run folder -> the intact checkpoint it means."""
 
-    # read_checkpoint and complete_checkpoints define "intact", for resume and export alike; imported late (slow)
-    from lowmem_train.trainer.checkpoint import complete_checkpoints, read_checkpoint
-
-    def read(ckpt: Path):
+    def read(ckpt: Path) -> ResumePoint:
         try:
             return read_checkpoint(ckpt)
         except ValueError as exc:
@@ -97,14 +91,12 @@ def find_checkpoint(path: Path):
     if path.name.startswith(("step_", ".step_")):
         raise ConfigError(f"--checkpoint: {path} is incomplete (no {STATE_FILE}: its save never finished); pass "
                           f"an older checkpoint or the run folder")
-    run_dir = path.parent if path.name == "checkpoints" else path
-    for ckpt in complete_checkpoints(run_dir / "checkpoints"):  # newest first; a broken one is skipped, loudly
-        try:
-            return read_checkpoint(ckpt)
-        except ValueError as exc:
-            log.warning("skipping checkpoint %s: %s", ckpt.name, exc)
-    raise ConfigError(f"--checkpoint: no complete checkpoint in {run_dir / 'checkpoints'}; pass a run folder, a "
-                      f"checkpoint folder (RUN/checkpoints/step_*) or RUN/checkpoints/latest")
+    run_dir = path.parent if path.name == CHECKPOINTS else path
+    point = newest_intact(run_dir / CHECKPOINTS)  # a broken one is skipped, loudly
+    if point is None:
+        raise ConfigError(f"--checkpoint: no complete checkpoint in {run_dir / CHECKPOINTS}; pass a run folder, a "
+                          f"checkpoint folder (RUN/checkpoints/step_*) or RUN/checkpoints/latest")
+    return point
 
 
 def load_saved_tokenizer(saved: str, override: str, ckpt: Path):
@@ -116,7 +108,7 @@ def load_saved_tokenizer(saved: str, override: str, ckpt: Path):
     else:
         flag, candidates = f"tokenizer_dir {saved!r} in {ckpt / STATE_FILE}", [Path(saved)]
         if not Path(saved).is_absolute():
-            candidates.append(PROJECT_ROOT / saved)
+            candidates.append(ROOT / saved)  # a run started in a checkout names it relative to the checkout
     for folder in candidates:
         if (folder / "tokenizer.json").is_file():
             try:
@@ -142,8 +134,8 @@ def read_weights(ckpt: Path) -> tuple[dict, str]:
     # The readers raise an open-ended set on damaged files (unpickling, zip, safetensors, DeepSpeed's own
     # checks); whatever it is, the user needs to know which checkpoint, not a traceback.
     except Exception as exc:  # noqa: BLE001
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ConfigError(f"--checkpoint: cannot read the weights in {model_dir} ({type(exc).__name__}: {first}); "
+        raise ConfigError(f"--checkpoint: cannot read the weights in {model_dir} ({type(exc).__name__}: "
+                          f"{first_line(exc)[:200]}); "
                           f"the checkpoint is damaged, export an older one") from None
     raise ConfigError(f"--checkpoint: {model_dir} holds neither DeepSpeed shards ({DS_TAG}/) nor model.safetensors")
 
@@ -176,27 +168,3 @@ def load_weights(model, state_dict: dict, ckpt: Path, tokenizer_dir: Path) -> No
     if missing or unexpected:
         raise ConfigError(f"--checkpoint: {ckpt} does not match the model its config describes ({len(missing)} "
                           f"missing, {len(unexpected)} unexpected tensors, e.g. {(missing + unexpected)[0]})")
-
-
-def write_folder(model, tokenizer, output: Path, provenance: dict, state_dict: dict | None = None) -> None:
-    """save_pretrained + tokenizer into a temporary sibling, fsync, rename: a reader never sees half a model.
-    `state_dict`: the gathered weights when the model's own are partitioned (ZeRO-3)."""
-    from transformers.utils import logging as hf_logging
-
-    from lowmem_train.trainer.checkpoint import fsync_dir, fsync_tree, library_versions
-
-    hf_logging.disable_progress_bar()  # one small file: a progress bar is noise
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp, old = output.with_name(f".{output.name}.tmp"), output.with_name(f".{output.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp), state_dict=state_dict, safe_serialization=True)
-    tokenizer.save_pretrained(str(tmp))
-    provenance = {**provenance, "versions": library_versions()}
-    (tmp / "lowmem_export.json").write_text(json.dumps(provenance, indent=1) + "\n", encoding="utf-8")
-    fsync_tree(tmp)
-    if output.exists():  # checked by check_output: empty, or an earlier export with --overwrite
-        shutil.rmtree(old, ignore_errors=True)
-        output.rename(old)
-    tmp.rename(output)
-    fsync_dir(output.parent)
-    shutil.rmtree(old, ignore_errors=True)

@@ -1,9 +1,9 @@
 """Fault injection for tests: the narrow seams through which a test makes rare failures happen on demand.
 
-    LOWMEM_FAULT_OOM="micro_batch_over=4[,rank=1][,times=N]"
-A CUDA out-of-memory error cannot happen on a machine without a GPU: every forward pass of a micro-batch with
-more than 4 rows (on that rank only, at most N times) raises torch.OutOfMemoryError, the very exception torch
-raises on a GPU.
+    LOWMEM_FAULT_OOM="micro_batch_over=4[,rank=1][,times=N][,after=K][,phase=backward]"
+A CUDA out-of-memory error cannot happen on a machine without a GPU: every forward pass (or, with
+phase=backward, every backward pass) of a micro-batch with more than 4 rows (on that rank only, at most N times,
+not before K such passes went through) raises torch.OutOfMemoryError, the very exception torch raises on a GPU.
 
     LOWMEM_FAULT_KILL_IN_SAVE=N
 The N-th checkpoint save of the process SIGKILLs it after the model and optimizer files are written and before
@@ -13,6 +13,10 @@ the completion marker: the worst moment for a crash, hard to hit with a random k
 One rank of several on one machine under host-memory pressure that the others do not feel (as one node of a
 cluster would be) cannot be produced for real on a single machine: that rank's memory samples report at most
 `gb` available from `from_step` on. Everything downstream (all-gather, policy, actuator) is the real code.
+
+    LOWMEM_FAULT_COLLATE_OOM="step=3,rank=1,marker=PATH"
+A MemoryError while the batch of `step` is prepared (in a DataLoader worker or the prefetch thread), on that rank,
+once per run: the first process to fire creates `marker`, whatever process (a new worker) comes next.
 
 Unset (always, outside tests), each check is a single attribute read.
 """
@@ -35,13 +39,27 @@ class OomFault:
         self.micro_batch_over = int(fields.get("micro_batch_over", 0))
         self.rank = int(fields["rank"]) if "rank" in fields else None
         self.times = int(fields.get("times", 1_000_000))
+        self.phase = fields.get("phase", "forward")
+        self.after = int(fields.get("after", 0))
 
     def before_forward(self, rows: int, rank: int) -> None:
+        if self.phase == "forward":
+            self._maybe_raise(rows, rank)
+
+    def before_backward(self, rows: int, rank: int) -> None:
+        if self.phase == "backward":
+            self._maybe_raise(rows, rank)
+
+    def _maybe_raise(self, rows: int, rank: int) -> None:
         if not self.active or self.times <= 0:
             return
         if rows > self.micro_batch_over and (self.rank is None or self.rank == rank):
+            if self.after > 0:
+                self.after -= 1
+                return
             self.times -= 1
-            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {ENV} for a micro-batch of {rows} rows)")
+            raise torch.OutOfMemoryError(f"CUDA out of memory (injected by {ENV} in {self.phase} for a micro-batch "
+                                         f"of {rows} rows)")
 
 
 OOM_FAULT = OomFault(os.environ.get(ENV))
@@ -58,8 +76,10 @@ class HostPressure:
     def apply(self, sample, rank: int):
         if not self.active or (self.rank is not None and rank != self.rank) or sample.step < self.from_step:
             return sample
+        at_peak = sample.job_available_at_peak
         return replace(sample, host_available=min(sample.host_available, self.cap),
-                       job_available=min(sample.job_available, self.cap))
+                       job_available=min(sample.job_available, self.cap),
+                       job_available_at_peak=None if at_peak is None else min(at_peak, self.cap))
 
 
 HOST_PRESSURE = HostPressure(os.environ.get("LOWMEM_FAULT_HOST_AVAILABLE"))
@@ -77,3 +97,25 @@ class KillInSave:
 
 
 KILL_IN_SAVE = KillInSave(os.environ.get("LOWMEM_FAULT_KILL_IN_SAVE"))
+
+
+class CollateFault:
+    def __init__(self, spec: str | None):
+        fields = dict(part.split("=", 1) for part in spec.split(",")) if spec else {}
+        self.active = bool(fields)
+        self.step = int(fields.get("step", 0))
+        self.rank = int(fields["rank"]) if "rank" in fields else None
+        self.marker = fields.get("marker", "")
+
+    def before_collate(self, step: int, rank: int) -> None:
+        if not self.active or step != self.step or (self.rank is not None and rank != self.rank):
+            return
+        try:
+            with open(self.marker, "x"):  # exclusive create: fires in exactly one process
+                pass
+        except FileExistsError:
+            return
+        raise MemoryError(f"injected by LOWMEM_FAULT_COLLATE_OOM while collating step {step}")
+
+
+COLLATE_FAULT = CollateFault(os.environ.get("LOWMEM_FAULT_COLLATE_OOM"))

@@ -17,13 +17,12 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
-from lowmem_train.trainer.backend import Backend, accumulation_divisor, all_reduce, deepspeed_engine
-from lowmem_train.trainer.data.encode import IGNORE_INDEX
+from lowmem_train.model.families.base import IGNORE_INDEX
+from lowmem_train.trainer import distributed
+from lowmem_train.trainer.backend import Backend, accumulation_divisor
+from lowmem_train.trainer.compat import set_sync_gradients
 from lowmem_train.trainer.faults import OOM_FAULT
-
-MODEL_INPUTS = ("input_ids", "attention_mask", "labels", "decoder_input_ids")
 
 
 @dataclass
@@ -32,9 +31,10 @@ class StepResult:
     tokens: int  # target tokens of the global step (all ranks)
     grad_norm: float | None
     lr: float
+    stop: bool = False  # some rank was asked to stop (a signal): every rank stops after this step
 
 
-def split_micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict[str, torch.Tensor]]:
+def split_micro_batches(batch: dict[str, torch.Tensor], count: int, family) -> list[dict[str, torch.Tensor]]:
     """`count` micro-batches from one rank-step batch, each trimmed to its own longest row.
 
     Exactly `count` pieces, always: every rank must run the same number of backward passes or the gradient
@@ -44,44 +44,17 @@ def split_micro_batches(batch: dict[str, torch.Tensor], count: int) -> list[dict
     pieces = []
     for idx in torch.tensor_split(torch.arange(rows), count):
         if len(idx) == 0:
-            pieces.append(masked_row(batch))
+            pieces.append(masked_row(batch, family))
             continue
-        piece = {k: batch[k][idx] for k in MODEL_INPUTS if k in batch}
-        pieces.append(trim(piece))
+        pieces.append(family.trim({k: batch[k][idx] for k in family.model_inputs}))
     return pieces
 
 
-def masked_row(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def masked_row(batch: dict[str, torch.Tensor], family) -> dict[str, torch.Tensor]:
     """One row that takes part in forward/backward but contributes no loss and no gradient."""
-    piece = trim({k: batch[k][:1].clone() for k in MODEL_INPUTS if k in batch})
+    piece = family.trim({k: batch[k][:1].clone() for k in family.model_inputs})
     piece["labels"].fill_(IGNORE_INDEX)
     return piece
-
-
-def trim(piece: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop padding columns that no row of this micro-batch uses (batches are padded to the step's longest row)."""
-    width = int(piece["attention_mask"].sum(1).max())
-    out = dict(piece)
-    out["input_ids"], out["attention_mask"] = piece["input_ids"][:, :width], piece["attention_mask"][:, :width]
-    if "decoder_input_ids" in piece:  # t5: labels have their own length
-        target = int((piece["labels"] != IGNORE_INDEX).sum(1).max().clamp(min=1))
-        out["labels"], out["decoder_input_ids"] = piece["labels"][:, :target], piece["decoder_input_ids"][:, :target]
-    else:
-        out["labels"] = piece["labels"][:, :width]
-    return out
-
-
-def token_loss_sum(model: torch.nn.Module, piece: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sum of cross-entropy over target tokens (labels != -100) of one micro-batch."""
-    labels = piece["labels"]
-    if "decoder_input_ids" in piece:
-        logits = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"],
-                       decoder_input_ids=piece["decoder_input_ids"], use_cache=False).logits
-    else:  # causal: position t predicts token t+1
-        logits = model(input_ids=piece["input_ids"], attention_mask=piece["attention_mask"], use_cache=False).logits
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
 
 
 def set_lr(optimizer, lr: float) -> None:
@@ -94,28 +67,39 @@ class StepOutOfMemory(RuntimeError):
     """Some rank ran out of memory in a forward pass; raised on every rank at the same point."""
 
 
+class BackwardOutOfMemory(RuntimeError):
+    """This rank ran out of memory in a backward pass. The others may already wait inside its gradient collectives,
+    and part of the gradients is accumulated: the step cannot be redone in place (see Trainer.fit)."""
+
+
+class LoaderFailed(RuntimeError):
+    """Some rank could not prepare its batch (a MemoryError while collating); raised on every rank, before any
+    backward: the step is redone on a leaner loader (Trainer.one_step)."""
+
+
 OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
 
 
-def forward_agreed(backend: Backend, model, piece: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Forward one micro-batch, then agree with all ranks that nobody ran out of memory.
-
-    The agreement sits between forward and backward on purpose: backward is where gradient collectives
-    run, so a rank that failed its forward must be known to all before anyone enters backward.
-    """
+def forward(backend: Backend, model, family, piece: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The summed token loss of one micro-batch, or None when this rank ran out of memory doing it."""
     try:
         OOM_FAULT.before_forward(piece["input_ids"].shape[0], backend.rank)
-        loss, failed = token_loss_sum(model, piece), 0.0
+        return family.token_loss_sum(model, piece)
     except OOM_ERRORS:
-        loss, failed = None, 1.0
-    if all_reduce(backend, [failed], "max")[0] if backend.world_size > 1 else failed:
-        raise StepOutOfMemory
-    return loss
+        return None
 
 
-def train_step(backend: Backend, model, optimizer, batch: dict[str, torch.Tensor], grad_accum: int, lr: float,
-               max_grad_norm: float, on_oom: Callable[[], int] | None = None) -> StepResult:
-    """One optimizer step over this rank's rows of the global batch.
+def train_step(backend: Backend, model, optimizer, family, batch: dict[str, torch.Tensor] | None, micro_batch: int,
+               grad_accum: int, lr: float, max_grad_norm: float, on_oom: Callable[[], int] | None = None,
+               stop_asked: bool = False) -> StepResult:
+    """One optimizer step over this rank's rows of the global batch, cut into `grad_accum` micro-batches of
+    `micro_batch` rows. `batch` is None when this rank's loader failed; `stop_asked`: a signal reached this rank.
+
+    After each forward pass, before its backward, the ranks make ONE small all-reduce (distributed.agree_step)
+    that carries everything they must agree on: whether any rank ran out of memory in it (backward is where the
+    gradient collectives run, so that must be known before anyone enters one), and with the first micro-batch the
+    target tokens of the global step (every loss is scaled by them), a stop request and a failed loader, with the
+    last one the summed loss. With gradient accumulation 1, that is one collective per step.
 
     On an out-of-memory error in a forward pass, `on_oom()` (the memory guard) returns the new, smaller
     micro-batch; the rows not yet processed are cut finer and the SAME step goes on. Rows already through
@@ -123,41 +107,56 @@ def train_step(backend: Backend, model, optimizer, batch: dict[str, torch.Tensor
     micro-batch from the start. Every rank cuts the same number of pieces, so collectives stay matched.
     """
     accelerator = backend.accelerator
-    pending = split_micro_batches(batch, grad_accum)
-    micro = -(-batch["input_ids"].shape[0] // grad_accum)
-    tokens = all_reduce(backend, [sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pending)])[0]
+    if batch is None:  # nothing to compute; the others learn it at the agreement they are about to reach
+        distributed.agree_step(backend, loader_failed=True, stop=stop_asked)
+        raise LoaderFailed
+    pending = split_micro_batches(batch, grad_accum, family)
+    micro = micro_batch
+    local_tokens = float(sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pending))
+    tokens = None  # of the global step, once agreed
     set_lr(optimizer, lr)
-    loss_sum = 0.0
+    loss_sum, stop = 0.0, False
     while pending:
         piece = {k: v.to(accelerator.device, non_blocking=True) for k, v in pending[0].items()}
         last = len(pending) == 1
         # DeepSpeed steps inside backward() on the piece marked as the accumulation boundary.
-        accelerator.gradient_state._set_sync_gradients(last)
+        set_sync_gradients(accelerator, last)
         sync = contextlib.nullcontext() if last or backend.uses_deepspeed else accelerator.no_sync(model)
         with sync:
-            try:
-                loss = forward_agreed(backend, model, piece)
-            except StepOutOfMemory:
-                del piece
+            loss = forward(backend, model, family, piece)
+            mine = 0.0 if loss is None else float(loss.detach())
+            first = tokens is None
+            agreed = distributed.agree_step(backend, oom=loss is None, tokens=local_tokens if first else 0.0,
+                                            stop=stop_asked if first else False,
+                                            loss=loss_sum + mine if last else 0.0)
+            if first:
+                tokens, stop = agreed.tokens, agreed.stop
+                if agreed.loader_failed:
+                    raise LoaderFailed
+            if agreed.oom:
+                del piece, loss
                 if on_oom is None:
-                    raise
+                    raise StepOutOfMemory
                 new_micro = on_oom()
-                pending = [sub for old in pending for sub in split_micro_batches(old, max(1, micro // new_micro))]
+                pending = [sub for old in pending for sub in split_micro_batches(old, max(1, micro // new_micro), family)]
                 micro = new_micro
                 continue
             # The backend divides by its accumulation count, whatever it is now (the guard may change it).
-            accelerator.backward(loss * (accumulation_divisor(backend) * backend.world_size / max(tokens, 1.0)))
-        loss_sum += float(loss.detach())
+            try:
+                OOM_FAULT.before_backward(piece["input_ids"].shape[0], backend.rank)
+                accelerator.backward(loss * (accumulation_divisor(backend) * backend.world_size / max(tokens, 1.0)))
+            except OOM_ERRORS as exc:
+                raise BackwardOutOfMemory(f"out of memory in backward with a micro-batch of {micro}") from exc
+        loss_sum += mine
         pending.pop(0)
     grad_norm = finish_step(backend, model, optimizer, max_grad_norm)
-    return StepResult(loss=all_reduce(backend, [loss_sum])[0] / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr)
+    return StepResult(loss=agreed.loss / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr, stop=stop)
 
 
 def finish_step(backend: Backend, model, optimizer, max_grad_norm: float) -> float | None:
     """Clip and step on the plain path; DeepSpeed already did both in the last backward."""
-    engine = deepspeed_engine(backend)
-    if engine is not None:
-        norm = engine.get_global_grad_norm()
+    if backend.engine is not None:
+        norm = backend.engine.get_global_grad_norm()
         return None if norm is None else float(norm)
     limit = max_grad_norm if max_grad_norm > 0 else math.inf
     norm = backend.accelerator.clip_grad_norm_(model.parameters(), limit)

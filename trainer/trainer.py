@@ -18,28 +18,31 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-from torch.utils.data import DataLoader
-
 from lowmem_train.config.loader import save_config
 from lowmem_train.config.schema import RunConfig
-from lowmem_train.model.build import build_model, count_parameters
-from lowmem_train.trainer.backend import all_reduce, launched_world_size, make_backend, make_optimizer
-from lowmem_train.trainer.checkpoint import Checkpointer, TrainState
+from lowmem_train.model import families
+from lowmem_train.model.build import build_model
+from lowmem_train.trainer import distributed, run_folder
+from lowmem_train.trainer.backend import launched_world_size, make_backend, make_optimizer
+from lowmem_train.trainer.checkpoint import Checkpointer, needs_universal
+from lowmem_train.trainer.compat import full_numel
 from lowmem_train.trainer.data.dataset import LowMemDataset
 from lowmem_train.trainer.data.encode import EncodeStats, Encoder, vocab_fingerprint
+from lowmem_train.trainer.data.loader import batches_of
 from lowmem_train.trainer.data.setup import load_datasets
 from lowmem_train.trainer.evaluate import EvalResult, Evaluator
 from lowmem_train.trainer.memory.estimate import check_fits
 from lowmem_train.trainer.memory.guard import MemoryGuard
-from lowmem_train.trainer.memory.snapshot import memory_snapshot
 from lowmem_train.trainer.memory.policy import OutOfMemoryGiveUp
+from lowmem_train.trainer.memory.snapshot import memory_snapshot
 from lowmem_train.trainer.run_log import RunLog
 from lowmem_train.trainer.schedule import lr_at
-from lowmem_train.trainer.step import train_step
-from lowmem_train.trainer.stop import StopSignal
+from lowmem_train.trainer.state import TrainState
+from lowmem_train.trainer.step import BackwardOutOfMemory, LoaderFailed, train_step
+from lowmem_train.trainer.stop import SnapshotRequest, StopSignal
 
 log = logging.getLogger(__name__)
+END = object()  # the loader has no more batches in this epoch
 
 
 @dataclass
@@ -48,53 +51,25 @@ class FitResult:
     last_eval: EvalResult | None
     stopped_early: bool
     final_dir: Path | None
-    exit_code: int = 0
-
-
-def worker_context():
-    """DataLoader workers start from a small fork server, not from the trainer.
-
-    A worker forked from the trainer shares its pages copy-on-write; every page the trainer then rewrites
-    (weights, gradients, Adam moments: all of them, every step) stays behind as a private copy in every worker,
-    so by the end of an epoch each worker holds about one more copy of the model states (measured: ~0.55 GB
-    per worker for t5_small). The fork server imports the data path once, and its workers share those pages.
-    """
-    import multiprocessing
-
-    context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["torch", "lowmem_train.trainer.data.dataset"])
-    return context
-
-
-def stop_worker_server() -> None:
-    """With no workers left (the memory guard shed them), the idle fork server's memory is given back too.
-
-    `_stop` is private but has been in CPython since 3.8 (its tests use it); the server restarts on demand.
-    """
-    import multiprocessing
-    from multiprocessing import forkserver
-
-    # Every worker holds the server's "alive" pipe, and `_stop` waits for the server to exit: stopping it while
-    # a worker still lives would block until that worker ends. Such a server is stopped on a later call.
-    if multiprocessing.active_children():
-        return
-    stop = getattr(forkserver._forkserver, "_stop", None)
-    if stop is not None and forkserver._forkserver._forkserver_pid is not None:
-        stop()
+    outcome: str = "finished"  # finished | stopped (by a signal, saved) | out_of_memory (saved) | oom_in_backward
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig):
-        self.cfg = cfg
+    def __init__(self, cfg: RunConfig, on_peer_lost=None):
+        """`on_peer_lost(message, announced_reason)`: called from a watch thread when another rank is gone
+        (distributed.PeerWatch); it must end the process (the main thread may be stuck in a collective)."""
+        self.cfg, self.on_peer_lost = cfg, on_peer_lost
         self.out = Path(cfg.output_dir)
+        self.peers = None
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         self.setup()
         cfg, state = self.cfg, self.state
+        result = None
         try:
-            while state.epoch < cfg.epochs and not self.should_stop():
-                self.run_log.start_epoch(state.epoch, cfg.epochs, self.dataset.steps_per_epoch(), self.step_in_epoch())
+            while state.position.epoch < cfg.epochs and not self.stop.agree() and not self.should_stop():
+                self.run_log.start_epoch(state.position.epoch, cfg.epochs, self.dataset.steps_per_epoch(), self.step_in_epoch())
                 for batch in self.epoch_batches():
                     self.one_step(batch)
                     if self.should_stop():
@@ -102,32 +77,52 @@ class Trainer:
                 self.run_log.end_epoch()
                 if not self.should_stop():  # the epoch ran to its end
                     self.end_of_epoch()
-            if self.stop.flag:
-                return self.interrupted()
-            return self.finish()
+            result = self.interrupted() if self.stop.agreed else self.finish()
         except OutOfMemoryGiveUp as exc:
             self.save()  # the state before the failed step: nothing of it was applied
             log.error("error: %s. Checkpoint saved; resume with --is_keep_training=True after freeing memory", exc)
-            return FitResult(self.state.step, self.last_eval, False, None, exit_code=3)
+            result = FitResult(self.state.step, self.last_eval, False, None, outcome="out_of_memory")
+        except BackwardOutOfMemory:
+            # Half of a step's gradients may be reduced and other ranks may wait inside its collectives: no save, no
+            # retry here. The smaller plan waits in output_dir for the next start, which resumes from the last
+            # checkpoint; the other ranks hear of it (peer watch) and end too.
+            log.error("error: %s; restart with --is_keep_training=auto", self.guard.record_backward_oom(self.state.step))
+            result = FitResult(self.state.step, self.last_eval, False, None, outcome="oom_in_backward")
         finally:
             self.stop.restore()
+            self.snapshot_request.restore()
             self.run_log.close()
+            if self.peers is not None:  # what the other ranks hear: an exception here is a failure too
+                self.peers.done("failed" if result is None else
+                                "done" if result.outcome in ("finished", "stopped") else result.outcome)
+        return result
 
     def one_step(self, batch: dict) -> None:
         cfg, state = self.cfg, self.state
         lr = lr_at(state.step, self.total_steps, cfg)
-        result = train_step(self.backend, self.model, self.optimizer, batch, self.guard.plan.grad_accum, lr,
-                            cfg.max_grad_norm, on_oom=lambda: self.guard.on_oom(state.step).micro_batch)
+        plan = self.guard.plan
+        try:
+            result = train_step(self.backend, self.model, self.optimizer, self.family, batch, plan.micro_batch,
+                                plan.grad_accum, lr, cfg.max_grad_norm,
+                                on_oom=lambda: self.guard.on_oom(state.step).micro_batch, stop_asked=self.stop.flag)
+        except LoaderFailed:  # no rank went into backward: shed loader memory and redo this step on a new loader
+            self.guard.on_host_memory_error(state.step)
+            return
+        self.stop.heard(result.stop)
         state.step += 1
-        state.samples_seen += self.global_batch
+        state.position.samples_seen += self.global_batch
         self.stats.add(EncodeStats(*batch["stats"].tolist()))
         rate = self.run_log.step(self.global_batch, result.loss, lr, result.grad_norm)
         if state.step % cfg.logging_steps == 0:
             plan = self.guard.plan
-            self.run_log.write("train", state.step, epoch=state.epoch, loss=result.loss, lr=lr,
+            self.run_log.write("train", state.step, epoch=state.position.epoch, loss=result.loss, lr=lr,
                                grad_norm=result.grad_norm, samples_per_s=rate, tokens=result.tokens,
-                               micro_batch=plan.micro_batch, grad_accum=plan.grad_accum)
+                               micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
+                               data_wait_ms=round(1000 * self.data_wait / cfg.logging_steps, 3))
+            self.data_wait = 0.0
         self.guard.after_step(state.step, self.run_log)
+        if self.snapshot_request.take():  # kill -USR1: a snapshot now, training goes on
+            self.log_snapshot(tips=True)
         if cfg.eval_steps and state.step % cfg.eval_steps == 0:
             self.evaluate()
         if state.step % cfg.save_steps == 0:
@@ -138,20 +133,24 @@ class Trainer:
         self.log_data_stats()
         self.evaluate()
         if self.backend.is_main:  # before the guard's decision, which consumes the epoch's samples
-            snap = memory_snapshot(self.model, self.optimizer, self.backend, self.guard.probe, self.guard.samples,
-                                   state.step)
-            log.info("%s", snap.describe(tips=self.guard.under_pressure()))
-            self.guard.journal_line(snap.to_record())
-        state.epoch, state.samples_seen = state.epoch + 1, 0
+            self.log_snapshot(tips=self.guard.under_pressure())
+        state.position.epoch, state.position.samples_seen = state.position.epoch + 1, 0
         if self.guard.at_epoch_end(state.step):
             self.guard.take_loader_change()  # the next epoch builds its loader from the new plan anyway
         self.save()
+
+    def log_snapshot(self, tips: bool) -> None:
+        """This rank's memory by part (weights, gradients, optimizer, workers, the rest), logged and journaled."""
+        snap = memory_snapshot(self.model, self.optimizer, self.backend, self.guard.probe, self.guard.samples,
+                               self.state.step)
+        (log.info if self.backend.is_main else log.warning)("%s", snap.describe(tips=tips))
+        self.guard.journal_line(snap.to_record())
 
     def interrupted(self) -> FitResult:
         self.save()
         log.info("stopped by %s at step %d; continue with the same command plus --is_keep_training=True",
                  self.stop.signal_name, self.state.step)
-        return FitResult(self.state.step, self.last_eval, False, None)
+        return FitResult(self.state.step, self.last_eval, False, None, outcome="stopped")
 
     def finish(self) -> FitResult:
         state = self.state
@@ -160,47 +159,50 @@ class Trainer:
             self.evaluate()
         final_dir = self.checkpointer.export_final(self.model, self.tokenizer, state.step)
         if self.last_eval is not None:
-            log.info("done: %d steps; validation loss %.4f, exact match %.2f%% on %d held-out samples; model in %s",
-                     state.step, self.last_eval.loss, 100 * self.last_eval.exact_match, self.last_eval.samples, final_dir)
+            cases = self.last_eval.describe_cases()
+            log.info("done: %d steps; validation loss %.4f, exact match %.2f%% on %d held-out samples%s; model in %s",
+                     state.step, self.last_eval.loss, 100 * self.last_eval.exact_match, self.last_eval.samples,
+                     f" ({cases})" if cases else "", final_dir)
         return FitResult(state.step, self.last_eval, self.stopped_early, final_dir)
 
     # ---- pieces of the loop ----------------------------------------------------------------------------------
     def should_stop(self) -> bool:
+        """Known alike on every rank without a collective (a stop request is agreed within the step)."""
         if self.cfg.max_steps and self.state.step >= self.cfg.max_steps:
             return True
-        return self.stop.requested() or self.stopped_early
+        return self.stop.agreed or self.stopped_early
 
     def step_in_epoch(self) -> int:
-        return self.state.samples_seen // self.global_batch
+        return self.state.position.samples_seen // self.global_batch
 
     def epoch_batches(self):
         """This rank's batches from the saved position to the epoch's end, on a DataLoader built from the
         current plan; rebuilt at the current position when the memory guard changes the loader mid-epoch
-        (host emergency, or a MemoryError while collating, which every rank learns of together)."""
+        (host emergency, or a MemoryError while collating: None is yielded, and the step tells every rank)."""
         while self.step_in_epoch() < self.dataset.steps_per_epoch():
-            self.dataset.load_state_dict(self.state.position())
-            batches = None  # the old iterator's workers shut down here (its last reference), before new ones start
-            batches = iter(self.make_loader())
-            while True:
-                try:
-                    batch, failed = next(batches, None), 0.0
-                except MemoryError:
-                    batch, failed = None, 1.0
-                if all_reduce(self.backend, [failed], "max")[0]:
-                    self.guard.on_host_memory_error(self.state.step)
-                    break
-                if batch is None:
-                    return
-                self.check_alignment(batch)
-                yield batch
-                if self.guard.take_loader_change():
-                    break
+            self.dataset.load_state_dict(self.state.position.state_dict())
+            with batches_of(self.dataset, self.guard.plan, self.cfg.seed) as batches:
+                while True:
+                    waited = time.perf_counter()
+                    try:
+                        batch = next(batches, END)
+                    except MemoryError:  # the step's agreement tells every rank (LoaderFailed, one_step)
+                        batch = None
+                    self.data_wait += time.perf_counter() - waited  # the training thread idle, waiting for data
+                    if batch is END:  # every rank has the same number of steps: all get here together
+                        return
+                    if batch is not None:
+                        self.check_alignment(batch)
+                    yield batch
+                    if self.guard.take_loader_change():
+                        break
 
     def check_alignment(self, batch: dict) -> None:
         """The loader and the loop must agree on the position; anything else is a bug, so fail loudly."""
-        if int(batch["step"]) != self.step_in_epoch() or int(batch["epoch"]) != self.state.epoch:
+        epoch = self.state.position.epoch
+        if int(batch["step"]) != self.step_in_epoch() or int(batch["epoch"]) != epoch:
             raise RuntimeError(f"data loader at epoch {int(batch['epoch'])} step {int(batch['step'])}, "
-                               f"trainer at epoch {self.state.epoch} step {self.step_in_epoch()}")
+                               f"trainer at epoch {epoch} step {self.step_in_epoch()}")
 
     def evaluate(self) -> None:
         if self.evaluator is None:
@@ -208,10 +210,13 @@ class Trainer:
         t0 = time.perf_counter()
         result = self.evaluator.run(self.model)
         self.last_eval, self.last_eval_step = result, self.state.step
-        self.run_log.write("eval", self.state.step, epoch=self.state.epoch, loss=result.loss,
-                           perplexity=result.perplexity, exact_match=result.exact_match, samples=result.samples)
-        log.info("eval @ step %d: loss %.4f ppl %.3f exact match %.2f%% (%d samples, %.1fs)", self.state.step,
-                 result.loss, result.perplexity, 100 * result.exact_match, result.samples, time.perf_counter() - t0)
+        self.run_log.write("eval", self.state.step, epoch=self.state.position.epoch, loss=result.loss,
+                           perplexity=result.perplexity, exact_match=result.exact_match, samples=result.samples,
+                           **{f"exact_match/{case}": c / max(n, 1) for case, (c, n) in result.by_case.items()})
+        cases = result.describe_cases()
+        log.info("eval @ step %d: loss %.4f ppl %.3f exact match %.2f%% (%d samples, %.1fs)%s", self.state.step,
+                 result.loss, result.perplexity, 100 * result.exact_match, result.samples, time.perf_counter() - t0,
+                 f"; by case: {cases}" if cases else "")
         for prompt, expected, got in result.examples:
             log.info("  %s -> %s %s", prompt, got, "ok" if got == expected.replace(" ", "") else f"(expected {expected})")
         if result.loss < self.state.best_loss - 1e-12:
@@ -224,14 +229,15 @@ class Trainer:
 
     def save(self) -> None:
         self.state.plan = self.guard.state_dict()
-        self.checkpointer.save(self.state, self.model, self.optimizer, self.last_eval)
+        if self.checkpointer.save(self.state, self.model, self.optimizer, self.last_eval) is not None:
+            self.guard.saved()
 
     def log_data_stats(self) -> None:
         s = self.stats.as_dict()
         dropped = self.dataset.dropped_per_epoch()
         if any(s[k] for k in ("skipped_null", "skipped_overlong", "truncated")) or dropped:
             log.info("epoch %d data: %d rows, %d null skipped, %d too long %s, %d rows %s to fill the last step",
-                     self.state.epoch + 1, s["rows"], s["skipped_null"], s["skipped_overlong"] + s["truncated"],
+                     self.state.position.epoch + 1, s["rows"], s["skipped_null"], s["skipped_overlong"] + s["truncated"],
                      "skipped" if self.cfg.data.overlong == "skip" else "truncated", abs(dropped),
                      "dropped" if dropped >= 0 else "repeated")
         self.stats = EncodeStats()
@@ -240,29 +246,37 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with DataLoader workers
+        self.family = families.get(cfg.model.type)
         self.checkpointer = Checkpointer(cfg)
-        resume = self.checkpointer.find_resume() if cfg.is_keep_training else None
-        self.guard = MemoryGuard.from_config(cfg, resume.plan if resume else None, launched_world_size())
-        self.backend = make_backend(cfg, self.guard.plan.micro_batch, self.guard.plan.grad_accum)
+        start = run_folder.plan_start(cfg)  # resume, start fresh, or refuse: before anything heavy exists
+        resume = start.resume
+        self.guard = MemoryGuard.from_config(cfg, resume.plan if resume else None, launched_world_size(),
+                                             resume.state.step if resume else 0)
+        plan = self.guard.plan
+        self.backend = make_backend(cfg, plan.micro_batch, plan.grad_accum,
+                                    load_universal=needs_universal(resume, launched_world_size()))
+        run_folder.enter(start, cfg, self.backend)
+        if self.on_peer_lost is not None:
+            self.peers = distributed.PeerWatch.start(self.backend, cfg.peer_timeout_seconds, self.on_peer_lost)
         # Pre-flight: refuse a run that cannot fit before anything heavy exists (all ranks reach one verdict).
-        fit = check_fits(cfg, self.backend.world_size, self.guard.plan,
-                         agree=lambda bad: all_reduce(self.backend, [bad], "max")[0])
+        fit = check_fits(cfg, self.backend.world_size, plan, agree=lambda bad: distributed.agree_any(self.backend, bad))
         (log.info if fit.fits else log.warning)("%s", fit.line)
         self.checkpointer.attach(self.backend)
         self.stop = StopSignal(self.backend)
+        self.snapshot_request = SnapshotRequest()
         world = self.backend.world_size
-        self.global_batch = self.guard.plan.global_batch(world)
-        data = load_datasets(cfg, self.backend)
+        self.global_batch = plan.global_batch(world)
+        data = load_datasets(cfg, self.backend.is_main, lambda: distributed.rank_zero_first(self.backend))
         self.tokenizer, self.train_index = data.tokenizer, data.train_index
         self.checkpointer.vocab = vocab_fingerprint(self.tokenizer)
         if resume is not None:
             self.checkpointer.check_compatible(resume)
             self.checkpointer.prepare_world_size_change(resume)
-        self.model = build_model(cfg, self.tokenizer)
-        if cfg.is_finetune:
+        with self.backend.model_init():
+            self.model = build_model(cfg, self.tokenizer)
+        if cfg.is_finetune and resume is None:  # a resumed fine-tuning run continues from its own checkpoint
             self.checkpointer.load_finetune_weights(self.model)
-        optimizer = make_optimizer(self.backend, self.model, cfg)
-        self.model, self.optimizer = self.backend.accelerator.prepare(self.model, optimizer)
+        self.model, self.optimizer = self.backend.prepare(self.model, make_optimizer(self.backend, self.model, cfg))
         self.guard.attach(self.backend, self.model, self.out)
         encoder = Encoder(self.tokenizer, cfg.model.type, cfg.max_seq_len, cfg.data.overlong)
         self.dataset = LowMemDataset(self.train_index, encoder, self.tokenizer.pad_token_id, self.global_batch,
@@ -270,52 +284,41 @@ class Trainer:
         self.evaluator = None
         if data.validation_index is not None:
             self.evaluator = Evaluator(self.backend, data.validation_index, Encoder(self.tokenizer, cfg.model.type,
-                                       cfg.max_seq_len, "truncate"), 2 * self.guard.plan.micro_batch,
-                                       cfg.data.eval_max_samples)
+                                       cfg.max_seq_len, "truncate"), 2 * plan.micro_batch, cfg.data.eval_max_samples)
         # The schedule spans all epochs; max_steps only stops early, so a later resume continues it exactly.
         self.total_steps = cfg.epochs * self.dataset.steps_per_epoch()
         self.state = TrainState(world_size=world, global_batch=self.global_batch)
         self.last_eval, self.last_eval_step, self.stopped_early = None, -1, False
+        self.data_wait = 0.0  # seconds the training thread waited for batches since the last metrics line
         self.stats = EncodeStats()
         if resume is not None:
             self.resume_from(resume)
-        self.run_log = RunLog(self.out, self.backend.is_main)
+        self.run_log = RunLog(self.out, self.backend.is_main, cfg.log_every_seconds)
         if resume is not None:  # metrics of steps after this checkpoint (from a killed run) are superseded
-            self.run_log.write("resume", self.state.step, epoch=self.state.epoch, checkpoint=resume.path.name)
-        self.guard.preflight(self.state.step)
+            self.run_log.write("resume", self.state.step, epoch=self.state.position.epoch, checkpoint=resume.path.name)
+        # A per-rank batch as workers hand it over through /dev/shm: 5 int64 tensors (ids, mask, labels, decoder
+        # inputs, positions) of at most max_seq_len columns, a bound of what the guard must leave room for.
+        self.guard.batch_bytes = 5 * 8 * cfg.max_seq_len * (self.global_batch // world)
+        self.guard.preflight(self.state.step, fit)
         if self.backend.is_main:
             save_config(cfg, self.out / "config.yaml")
-        self.describe(count_parameters(self.backend.accelerator.unwrap_model(self.model)))
+        self.describe(sum(full_numel(p) for p in self.backend.accelerator.unwrap_model(self.model).parameters()))
 
     def resume_from(self, resume) -> None:
         state = self.checkpointer.load(resume, self.model, self.optimizer)
         if state.global_batch != self.global_batch:  # only with --allow_batch_change
-            rounded = state.samples_seen // self.global_batch * self.global_batch
+            seen = state.position.samples_seen
+            rounded = seen // self.global_batch * self.global_batch
             log.warning("global batch %d -> %d: data position %d rounded down to %d (%d samples seen twice)",
-                        state.global_batch, self.global_batch, state.samples_seen, rounded, state.samples_seen - rounded)
-            state.samples_seen = rounded
+                        state.global_batch, self.global_batch, seen, rounded, seen - rounded)
+            state.position.samples_seen = rounded
         state.world_size, state.global_batch = self.backend.world_size, self.global_batch
         self.state = state
         self.stopped_early = bool(self.cfg.patience and state.bad_evals >= self.cfg.patience)
 
-    def make_loader(self) -> DataLoader:
-        kwargs = self.guard.plan.loader_kwargs()
-        kwargs["pin_memory"] = kwargs["pin_memory"] and torch.cuda.is_available()
-        kwargs["batch_size"] = None  # the dataset yields whole per-rank steps already
-        if kwargs["num_workers"]:
-            kwargs["multiprocessing_context"] = worker_context()
-        else:
-            stop_worker_server()
-        # Its own generator: creating an iterator must not draw from the global RNG that dropout uses,
-        # or a resumed run (which creates its iterator at another moment) would see other dropout masks.
-        return DataLoader(self.dataset, persistent_workers=False, generator=torch.Generator().manual_seed(self.cfg.seed),
-                          **kwargs)
-
     def describe(self, params: int) -> None:
         b, cfg, plan = self.backend, self.cfg, self.guard.plan
-        engine = f"DeepSpeed ZeRO-{b.zero_stage}" + (" + optimizer offload to CPU" if
-                 b.ds_config and b.ds_config["zero_optimization"].get("offload_optimizer", {}).get("device") == "cpu"
-                 else "") if b.uses_deepspeed else "plain Accelerate (no DeepSpeed)"
+        engine = b.describe()
         where = f"{b.world_size} process(es) on {b.accelerator.device}" + (
             f" ({b.accelerator.distributed_type.name})" if b.world_size > 1 else "")
         log.info("%s %s, %.2fM parameters; %s; %s; precision %s", cfg.model.type, cfg.output_dir, params / 1e6, where,
@@ -323,4 +326,4 @@ class Trainer:
         log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
                  "accumulation %d x %d processes); from epoch %d step %d", self.train_index.num_rows,
                  len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,
-                 plan.micro_batch, plan.grad_accum, b.world_size, self.state.epoch + 1, self.state.step)
+                 plan.micro_batch, plan.grad_accum, b.world_size, self.state.position.epoch + 1, self.state.step)

@@ -138,7 +138,7 @@ def test_deepspeed_checkpoint_resumes_on_another_number_of_processes(tiny_task, 
 
     straight = launch(first, ["--max_steps=12", f"--output_dir={tmp_path / 'straight'}"], 29741)
     assert straight.returncode == 0, straight.stderr[-3000:]
-    reference = records(tmp_path / "straight")[0]
+    reference = records(tmp_path / "straight")
     one = launch(first, ["--max_steps=6"], 29742)
     assert one.returncode == 0, one.stderr[-3000:]
     records(tmp_path / "run")
@@ -146,15 +146,32 @@ def test_deepspeed_checkpoint_resumes_on_another_number_of_processes(tiny_task, 
     assert two.returncode == 0, two.stderr[-3000:]
     assert "loading its universal form" in two.stderr and "global batch 32 kept" in two.stderr
     resumed = records(tmp_path / "run")
-    # The same samples, in the same global order, whatever the process count.
-    consumed = sorted(p for rank in resumed for _, _, ps in rank["steps"] for p in ps)
-    expected = sorted(p for _, step, ps in reference["steps"] if step >= 6 for p in ps) if first == 1 else None
-    if expected is not None:
-        assert consumed == expected
-    # Weights and Adam moments came back exactly: the first resumed step's loss equals the uninterrupted run's
-    # up to the order of the gradient reduction across processes.
-    first_resumed = dict(resumed[0]["losses"])[7]
-    assert abs(first_resumed - dict(reference["losses"])[7]) < 1e-5
+
+    # The data position, both ways: every resumed step consumed exactly the samples that step consumed in the
+    # uninterrupted run, whatever the process count of either.
+    def per_step(ranks: list[dict]) -> dict[int, list[int]]:
+        steps: dict[int, list[int]] = {}
+        for rank in ranks:
+            for _, step, positions in rank["steps"]:
+                steps.setdefault(step, []).extend(positions)
+        return {step: sorted(p) for step, p in steps.items()}
+
+    expected = {step: p for step, p in per_step(reference).items() if step >= 6}
+    assert per_step(resumed) == expected and len(expected) == 6
+
+    # Weights and Adam moments came back exactly: every resumed step's loss equals the uninterrupted run's up to the
+    # order of the gradient reduction across processes, and so do the weights at the end, read as `export` reads
+    # them (ZeRO shards joined). Measured: losses within 1e-6, weights within 1e-6 (lr 3e-3, 6 steps).
+    losses, reference_losses = dict(resumed[0]["losses"]), dict(reference[0]["losses"])
+    assert max(abs(losses[s] - reference_losses[s]) for s in range(6, 12)) < 1e-5
+    from lowmem_train.trainer.export import read_weights
+
+    ours, theirs = (read_weights(folder / "checkpoints" / "step_00000012")[0]
+                    for folder in (tmp_path / "run", tmp_path / "straight"))
+    assert ours.keys() == theirs.keys()
+    diff = max((ours[k] - theirs[k]).abs().max().item() for k in ours)
+    print(f"world size {first} -> {second}: max weight difference after 6 resumed steps {diff:.3g}")
+    assert diff < 1e-5
 
 
 def test_corrupt_newest_checkpoint_is_skipped_for_the_previous_one(tiny_task, tmp_path):

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import REPO, TINY_MODEL, accelerate_launch, memorisable_task, run_cli
+from tests.helpers import TINY_MODEL, accelerate_launch, memorisable_task, run_cli
 
 NUMBERS = [7, 305, 1234, 10010]  # 12 epochs of these (96 steps) make a tiny model sure of each
 ANSWERS = {"1234": "一千二百三十四", "10010": "一万零一十", "305": "三百零五"}

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from lowmem_train.trainer.memory.outside import run_sampled as sampled
+from bench.outside import run_sampled as sampled
 
 from tests.helpers import ENTRY, REPO, TINY_MODEL, task_options
 

@@ -1,8 +1,11 @@
-"""The estimate against the real thing: t5_small's host-RAM figure within 25% of the peak PSS of its process tree.
+"""The estimate against the real thing: t5_small's host-RAM figure against the peak PSS of its process tree, with and
+without DataLoader workers, one process and two (ZeRO-2 + CPU offload).
 
-The launched command's whole process tree is sampled from outside every 0.2 s (trainer/memory/outside.py).
-The runs stay in their first epoch, so they are compared with the estimate's first-epoch figure (workers forked
-before the optimizer state exists; see footprint.py for why later epochs need more).
+The launched command's whole process tree is sampled from outside every 0.2 s (bench/outside.py). Runs of 8 steps:
+the AdamW moments exist from the first step, and workers start from a fork server, so a later epoch holds nothing
+more (checked once over 3 epochs, README "Measured"). Tolerances come from the spread measured over repeated runs
+on the development machine (README): the estimate is a bound that errs on the high side (activations at
+max_seq_len, where real batches are trimmed to their longest row).
 """
 
 from __future__ import annotations
@@ -12,29 +15,49 @@ import sys
 
 import pytest
 
-from lowmem_train.trainer.memory.outside import run_sampled
+from bench.outside import run_sampled
 from tests.helpers import ENTRY, REPO, accelerate_launch, task_options
 
 pytestmark = pytest.mark.slow
+GB = 2**30
+# measured/estimate ratios (README): 1 process 0.85-0.92 with 2 workers, 0.85-0.90 with none; 2 processes
+# 0.93-0.97. Accepted: 0.75 to 1.05 (never more than 5% under: an estimate must not promise what does not fit).
+LOW, HIGH = 0.75, 1.05
 
 
-@pytest.mark.parametrize("processes", [1, 2])
-def test_t5_small_host_estimate_within_25_percent(tiny_task, tmp_path, processes, request):
+def peak_of(tiny_task, out, processes: int, *extra: str) -> tuple[int, object]:
     from lowmem_train.config.loader import build_config
     from lowmem_train.trainer.memory.footprint import estimate
 
-    if processes == 2:
-        request.getfixturevalue("deepspeed_ops")
-    options = [*task_options(tiny_task, tmp_path / "run"), "--validation_file=", "--max_steps=8",
-               "--save_steps=1000000", "--force=true"]
+    options = [*task_options(tiny_task, out), "--validation_file=", "--max_steps=8", "--save_steps=1000000",
+               "--force=true", *extra]
     cfg = build_config("t5_small", {o[2:].split("=", 1)[0]: o.split("=", 1)[1] for o in options})
-    predicted = estimate(cfg, processes).host_first_epoch
     launcher = [sys.executable] if processes == 1 else accelerate_launch("cpu_2proc_deepspeed.yaml", 29700)
     # One thread per process: the sampled memory is the same, the run is far faster on a busy 2-core machine.
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
     result = run_sampled(launcher + [str(ENTRY), "train", "--config=t5_small", *options], interval=0.2, timeout=1800,
                          cwd=REPO, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    peak = result.peak
-    print(f"t5_small, {processes} process(es): estimate {predicted / 2**30:.2f} GB, peak tree PSS {peak / 2**30:.2f} GB")
-    assert abs(predicted / peak - 1) < 0.25, f"estimate {predicted / 2**30:.2f} GB, measured {peak / 2**30:.2f} GB"
+    return result.peak, estimate(cfg, processes)
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_t5_small_host_estimate_holds_the_measured_peak(tiny_task, tmp_path, processes, request):
+    if processes == 2:
+        request.getfixturevalue("deepspeed_ops")
+    peak, est = peak_of(tiny_task, tmp_path / "run", processes)  # the preset's 2 workers per rank
+    ratio = peak / est.host_node
+    print(f"t5_small, {processes} process(es), 2 workers: estimate {est.host_node / GB:.3f} GB, peak tree PSS "
+          f"{peak / GB:.3f} GB, measured/estimate {ratio:.2f}")
+    assert LOW < ratio < HIGH, f"estimate {est.host_node / GB:.2f} GB, measured {peak / GB:.2f} GB"
+
+
+def test_t5_small_worker_cost_matches_what_workers_add(tiny_task, tmp_path):
+    """What 2 workers (and their fork server) add to the peak, measured against none, is what the estimate charges."""
+    with_workers, est_with = peak_of(tiny_task, tmp_path / "w2", 1, "--data.num_workers=2")
+    without, est_without = peak_of(tiny_task, tmp_path / "w0", 1, "--data.num_workers=0")
+    measured, estimated = with_workers - without, est_with.host_node - est_without.host_node
+    print(f"t5_small, 2 workers add {measured / 2**20:.0f} MB measured, {estimated / 2**20:.0f} MB estimated; "
+          f"0 workers: estimate {est_without.host_node / GB:.3f} GB, peak {without / GB:.3f} GB")
+    assert 0.7 < measured / estimated < 1.3, (measured / 2**20, estimated / 2**20)
+    assert LOW < without / est_without.host_node < HIGH

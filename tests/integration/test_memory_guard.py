@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +86,57 @@ def test_injected_host_pressure_on_one_rank_both_ranks_switch_at_the_epoch_bound
     assert not (tmp_path / "calm" / "memory.jsonl").read_text().count('"kind": "plan"')
     # Fewer workers change nothing in the data order or the math: the loss curves coincide.
     assert max(abs(a - b) for (_, a), (_, b) in zip(pressured[0]["losses"], calm[0]["losses"])) < 1e-6
+
+
+def test_injected_oom_in_backward_on_one_rank_ends_both_fast_and_the_restart_takes_the_smaller_plan(
+        tiny_task, tmp_path, deepspeed_ops):
+    """Rank 1 runs out of memory in backward at step 5, when rank 0 already waits in the gradient all-reduce (where
+    it would wait until the process-group timeout). Rank 1 records the halved micro-batch and leaves; rank 0 hears
+    it from the peer watch; both are gone within 60 s with exit code 6. The next start resumes from the last
+    checkpoint (step 3) with micro-batch 8."""
+    import time
+
+    out = tmp_path / "run"
+    cmd = accelerate_launch("cpu_2proc_deepspeed.yaml", 29755) + [str(REPO / "train_low_mem.py"), "train",
+                                                                   *task_options(tiny_task, out), *BASE,
+                                                                   "--batch_size_per_gpu=16", "--save_steps=3"]
+    t0 = time.monotonic()
+    run = subprocess.run(cmd + ["--max_steps=8"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore",
+                              "LOWMEM_FAULT_OOM": "micro_batch_over=8,rank=1,phase=backward,after=5"})
+    assert run.returncode != 0
+    status = json.loads((out / "exit_status.json").read_text())
+    assert status["exit_code"] == 6 and status["outcome"] == "oom_in_backward", status
+    failed_at = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+    assert time.time() - failed_at < 60 and time.monotonic() - t0 < 600, "the ranks did not end promptly"
+    pending = json.loads((out / "oom_plan.json").read_text())
+    assert pending["plan"]["micro_batch"] == 8 and pending["plan"]["grad_accum"] == 2 and pending["step"] == 5
+    assert "out of memory in backward" in run.stderr and not re.search(r"\[rank\d\]: Traceback", run.stderr)
+
+    again = subprocess.run(cmd + ["--max_steps=8", "--is_keep_training=auto"], cwd=REPO, capture_output=True,
+                           text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from step_00000003" in again.stderr and "taking the plan recorded after out of memory" in again.stderr
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    resumed_at = max(i for i, r in enumerate(records) if r["kind"] == "resume")
+    assert [r["micro_batch"] for r in records[resumed_at:] if r["kind"] == "train"] == [8] * 5
+    assert not (out / "oom_plan.json").exists()  # a checkpoint holds the plan now
+
+
+def test_injected_memory_error_while_collating_on_one_rank_sheds_the_loader_and_redoes_the_step(
+        tiny_task, tmp_path, deepspeed_ops):
+    """Rank 1 cannot prepare the batch of step 3 (the collate seam, once): its step's agreement tells rank 0 before
+    anyone enters backward; both shed loader memory, rebuild the loader at the same position and redo step 3. The
+    run is then step for step the one without the fault."""
+    args = ["--epochs=1", "--max_steps=8", "--batch_size_per_gpu=16", "--data.num_workers=2"]
+    faulty, err = recorded(tmp_path / "faulty", tiny_task, args, launcher=accelerate_launch("cpu_2proc_deepspeed.yaml",
+                           29756), env={"LOWMEM_FAULT_COLLATE_OOM": f"step=3,rank=1,marker={tmp_path / 'fired'}"})
+    clean, _ = recorded(tmp_path / "clean", tiny_task, args, launcher=accelerate_launch("cpu_2proc_deepspeed.yaml",
+                        29757))
+    assert (tmp_path / "fired").exists()
+    plans = journal(tmp_path / "faulty", "plan")
+    assert len(plans) == 1 and "host MemoryError while preparing a batch: workers 2 -> 1" in plans[0]["reason"]
+    assert plans[0]["step"] == 3 and faulty[0]["plan"] == faulty[1]["plan"]
+    assert [s for _, s, _ in faulty[0]["steps"]] == list(range(8))  # step 3 once, after the retry
+    assert [p for _, _, p in faulty[1]["steps"]] == [p for _, _, p in clean[1]["steps"]]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(faulty[0]["losses"], clean[0]["losses"])) < 1e-6

@@ -35,13 +35,14 @@ def max_weight_diff(a: dict, b: dict) -> float:
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
-def check_resumed_equals_straight(tiny_task, tmp_path, launcher_for, tolerance, env=None):
+def check_resumed_equals_straight(tiny_task, tmp_path, launcher_for, tolerance, env=None, env_first_only=False):
     # 80 of the 128 steps the schedule spans: the second resume lands after the epoch boundary (step 64)
     straight = recorded(tmp_path / "straight", ["--max_steps=80"], tiny_task, launcher_for(0), env)
     segments = []
     for i, extra in enumerate([["--max_steps=30"], ["--max_steps=70", "--is_keep_training=True"],
                                ["--max_steps=80", "--is_keep_training=True"]]):
-        segments.append(recorded(tmp_path / "resumed", extra, tiny_task, launcher_for(i + 1), env))
+        segment_env = env if i == 0 or not env_first_only else None
+        segments.append(recorded(tmp_path / "resumed", extra, tiny_task, launcher_for(i + 1), segment_env))
     for rank in range(len(straight)):
         resumed_losses = [loss for seg in segments for loss in seg[rank]["losses"]]
         assert [s for s, _ in resumed_losses] == [s for s, _ in straight[rank]["losses"]]  # no step lost or repeated
@@ -62,9 +63,11 @@ def test_two_resumes_equal_an_uninterrupted_run_two_process_deepspeed(tiny_task,
                                   tolerance=1e-6)
 
 
-def test_resume_keeps_the_plan_the_memory_guard_chose(tiny_task, tmp_path):
-    """An OOM at the first step halves the micro-batch; the resumed run continues with that plan."""
+def test_resume_keeps_the_plan_the_guard_chose_after_an_injected_oom(tiny_task, tmp_path):
+    """An OOM injected at the first step (the OOM seam, first segment only) halves the micro-batch; the resumed
+    segments, without the seam, can only be on that plan if the checkpoint brought it back."""
     env = {"LOWMEM_FAULT_OOM": "micro_batch_over=16,times=1"}
-    straight, segments = check_resumed_equals_straight(tiny_task, tmp_path, lambda i: None, tolerance=1e-4, env=env)
+    straight, segments = check_resumed_equals_straight(tiny_task, tmp_path, lambda i: None, tolerance=1e-4, env=env,
+                                                       env_first_only=True)
     assert straight[0]["plan"]["micro_batch"] == 16 and straight[0]["plan"]["grad_accum"] == 4
     assert segments[-1][0]["plan"] == straight[0]["plan"]

@@ -25,7 +25,9 @@ def test_gpt_tiny_validation_loss_falls(tiny_task, tmp_path):
     evals = metrics(out, "eval")
     assert len(evals) >= 3
     assert evals[-1]["loss"] < 0.8 * evals[0]["loss"], evals
-    assert "gpt" in result.stderr and "plain Accelerate" in result.stderr
+    assert "gpt" in result.stderr
+    if not __import__("torch").cuda.is_available():  # one process on a GPU trains with ZeRO-2 offload by default
+        assert "plain Accelerate" in result.stderr
 
 
 def test_t5_learns_and_final_model_loads_with_plain_transformers(tiny_task, tmp_path):

@@ -6,7 +6,7 @@ import pytest
 
 from lowmem_train.config.cli import add_run_config_options, parse_run_config
 from lowmem_train.config.loader import build_config, config_from_dict, config_to_dict, iter_fields
-from lowmem_train.config.schema import ConfigError
+from lowmem_train.config.errors import ConfigError
 from tests.helpers import run_cli
 from train_low_mem import build_parser
 
@@ -98,3 +98,15 @@ def test_help_exits_zero():
     result = run_cli(["train", "--help"], timeout=60)
     assert result.returncode == 0
     assert "--batch_size_per_gpu" in result.stdout and "--memory.probe_every" in result.stdout
+
+
+@pytest.mark.parametrize("command", ["train", "estimate"])
+def test_a_corrupt_tokenizer_file_is_one_line_whoever_reads_it_first(tmp_path, command):
+    """The pre-flight estimate reads the vocabulary before the data setup would: both name the file, no traceback."""
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "tokenizer.json").write_text('{"version": "1.0", "model": {')
+    result = run_cli([command, f"--tokenizer_dir={tmp_path / 'tok'}", f"--output_dir={tmp_path / 'out'}"],
+                     cwd=tmp_path, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"{tmp_path / 'tok' / 'tokenizer.json'} is not a readable tokenizer" in errors[0]

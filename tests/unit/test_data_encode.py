@@ -35,7 +35,7 @@ def test_layouts(tok):
     assert Encoder(tok, "t5", 32).encode([("12", "十二")]) == [(p + [eos], r + [eos])]
     ids, labels = Encoder(tok, "gpt", 32).encode([("12", "十二")])[0]
     assert ids == p + [sep] + r + [eos]
-    assert labels == [IGNORE_INDEX] * (len(p) + 1) + r + [eos]
+    assert labels == [IGNORE_INDEX] * len(p) + [sep] + r + [eos]  # the model learns to end a bare prompt
 
 
 def test_null_and_overlong_rows_are_counted(tok):

@@ -126,7 +126,7 @@ def test_input_reads_in_bounded_batches(tmp_path):
 
 def run_prepare(*argv) -> int:
     from lowmem_train.config.cli import OneLineParser
-    from lowmem_train.trainer.data import prepare
+    from lowmem_train.commands import prepare
 
     parser = OneLineParser()
     prepare.add_arguments(parser)

@@ -11,24 +11,28 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowmem_train.config.memory import MemoryConfig
-from lowmem_train.config.schema import ConfigError
+from lowmem_train.config.errors import ConfigError
 from lowmem_train.trainer.memory.policy import (
     OutOfMemoryGiveUp, Plan, PolicyState, decide, emergency, on_oom,
 )
-from lowmem_train.trainer.memory.probe import GB, MB, MemorySample
+from lowmem_train.trainer.memory.units import GB, MB, MemorySample
 
 _steps = itertools.count(1)
 
 
-def sample(available_gb: float = 20.0, gpu: float | None = None, swapped_mb: float = 0.0) -> MemorySample:
-    """A worst-of-ranks sample with the figures the policy reads; the rest plausible."""
+def sample(available_gb: float = 20.0, gpu: float | None = None, swapped_mb: float = 0.0,
+           limit_gb: float = 64.0, peak_gb: float | None = None, rise_gb: float = 0.0) -> MemorySample:
+    """A worst-of-ranks sample with the figures the policy reads; the rest plausible. `rise_gb`: how far the step
+    peak went above the between-steps reading; `peak_gb`: the tree's step peak (default: 1 GB + the rise)."""
     available = int(available_gb * GB)
+    peak = int(peak_gb * GB) if peak_gb is not None else (int((1.0 + rise_gb) * GB) if rise_gb else None)
     return MemorySample(
         step=next(_steps), time=0.0, host_total=64 * GB, host_available=available, swap_used=0, swap_in_rate=0.0,
         swap_out_rate=0.0, swapped_out=int(swapped_mb * MB), tree_pss=GB, tree_rss=GB, tree_processes=1,
         cgroup_limit=None, cgroup_usage=None, slurm_limit=None, budget=None, job_available=available,
-        job_limit=64 * GB, gpu_used=() if gpu is None else (int(gpu * 80 * GB),),
-        gpu_total=() if gpu is None else (80 * GB,),
+        job_limit=int(limit_gb * GB), gpu_used=() if gpu is None else (int(gpu * 80 * GB),),
+        gpu_total=() if gpu is None else (80 * GB,), step_peak=peak,
+        job_available_at_peak=max(0, available - int(rise_gb * GB)),
     )
 
 
@@ -56,7 +60,7 @@ def test_host_pressure_sheds_workers_then_prefetch_then_last_worker_then_pin():
     loader = [(d.plan.num_workers, d.plan.prefetch_factor, d.plan.pin_memory) for d in decisions]
     assert loader == [(2, 4, True), (1, 4, True), (1, 2, True), (1, 1, True), (0, 1, True), (0, 1, False),
                       (0, 1, False), (0, 1, False)]
-    assert decisions[0].reason == "job available 1.0 GB < 2.0 GB: workers 4 -> 2"
+    assert decisions[0].reason == "job available 1.00 GB at peak < 2.00 GB: workers 4 -> 2"
     assert "nothing left to shed" in decisions[-1].reason and not decisions[-1].changed
     # On a GPU, host pressure never costs compute: the micro-batch is untouched.
     assert all(d.plan.micro_batch == 16 for d in decisions)
@@ -183,7 +187,7 @@ def test_emergency_drops_workers_mid_epoch_and_the_next_decision_does_not_shed_t
     assert emergency(sample(1.0), PLAN, cfg, state) is None  # below low, above emergency: wait for the epoch end
     hit = sample(0.5)
     d = emergency(hit, PLAN, cfg, state)
-    assert d.plan.num_workers == 0 and d.reason == "job available 0.5 GB < emergency 0.75 GB: workers 4 -> 0 now"
+    assert d.plan.num_workers == 0 and d.reason == "job available 0.50 GB at peak < emergency 0.75 GB: workers 4 -> 0 now"
     assert d.plan.loader_kwargs()["prefetch_factor"] is None
     # The epoch's samples include the one that triggered the emergency; only those after it judge the new plan.
     later = decide([sample(3.0), hit, sample(30.0)], d.plan, cfg, 1, d.state)
@@ -191,6 +195,66 @@ def test_emergency_drops_workers_mid_epoch_and_the_next_decision_does_not_shed_t
     lean = replace(PLAN, num_workers=0, pin_memory=False)
     assert emergency(sample(0.5, gpu=0.5), lean, cfg) is None  # nothing the loader can give back on a GPU run
     assert emergency(sample(0.5), lean, cfg).plan.micro_batch == 8  # CPU run: the activations go
+
+
+def test_thresholds_scale_with_the_jobs_limit():
+    """A 1.4 GB budget gets margins of tens of MB; a large host keeps the absolute ones."""
+    from lowmem_train.trainer.memory.policy import Thresholds
+
+    cfg = MemoryConfig()
+    small, large = Thresholds.of(cfg, int(1.4 * GB)), Thresholds.of(cfg, 64 * GB)
+    assert (small.emergency, small.low, small.headroom) == (int(0.02 * 1.4 * GB), int(0.10 * 1.4 * GB),
+                                                           int(0.20 * 1.4 * GB))
+    assert (large.emergency, large.low, large.headroom) == (int(0.75 * GB), 2 * GB, 4 * GB)
+    assert small.emergency <= small.low < small.headroom  # the hysteresis band survives the scaling
+    # 0.2 GB left under a 1.4 GB budget: between thresholds (no shedding, no growth); under 64 GB: pressure.
+    tight = run(cfg, PLAN, [sample(0.2, limit_gb=1.4)])[0]
+    assert not tight.changed and "between thresholds" in tight.reason
+    assert run(cfg, PLAN, [sample(0.2)])[0].plan.num_workers == 2
+
+
+def test_decisions_see_the_step_peak_not_the_between_steps_reading():
+    """2.5 GB free between steps but 0.5 GB at the peak of a step: that is pressure (a limit kills at the peak)."""
+    d = run(MemoryConfig(), PLAN, [sample(2.5, rise_gb=2.0)])[0]
+    assert d.plan.num_workers == 2 and "job available 0.50 GB at peak" in d.reason
+    assert emergency(sample(2.5, rise_gb=2.0), PLAN, MemoryConfig()).plan.num_workers == 0
+
+
+def test_a_compute_shrink_that_bought_too_little_is_undone_and_not_retried_until_calm():
+    cfg = MemoryConfig()  # min saving: min(50 MB, 2% of the 1.4 GB limit = 28 MB)
+    lean = replace(PLAN, num_workers=0, pin_memory=False)  # a CPU run with nothing left to shed
+    state = start(cfg, lean)
+    first = decide([sample(0.1, limit_gb=1.4, peak_gb=1.30)], lean, cfg, 1, state)
+    assert first.plan.micro_batch == 8 and first.state.last_change["kind"] == "compute"
+    # Under micro-batch 8 the peak fell by 10 MB only: undone, and held there while the pressure lasts.
+    second = decide([sample(0.11, limit_gb=1.4, peak_gb=1.29)], first.plan, cfg, 1, first.state)
+    assert second.plan.micro_batch == 16 and second.changed
+    assert second.effect.startswith("micro-batch 16 -> 8, grad_accum 1 -> 2 saved 10.2 MB of peak < 28.7 MB: undone")
+    third = decide([sample(0.1, limit_gb=1.4, peak_gb=1.30)], second.plan, cfg, 1, second.state)
+    assert third.plan == lean and not third.changed and "held" in third.reason
+    # Calm again: the pressure that made shrinking futile is over, a later pressure may try again.
+    calm = decide([sample(1.0, limit_gb=1.4, peak_gb=0.3)], third.plan, cfg, 1, third.state)
+    again = decide([sample(0.1, limit_gb=1.4, peak_gb=1.30)], calm.plan, cfg, 1, calm.state)
+    assert not calm.state.futile_compute and again.plan.micro_batch == 8
+
+
+def test_a_shrink_that_helps_is_kept_and_what_it_saved_is_reported():
+    cfg = MemoryConfig()
+    lean = replace(PLAN, num_workers=0, pin_memory=False)
+    first = decide([sample(0.1, limit_gb=1.4, peak_gb=1.30)], lean, cfg, 1, start(cfg, lean))
+    second = decide([sample(0.3, limit_gb=1.4, peak_gb=1.10)], first.plan, cfg, 1, first.state)
+    assert second.plan.micro_batch == 8 and second.effect.endswith("saved 0.20 GB of peak")
+    shed = run(cfg, PLAN, [sample(0.1, limit_gb=1.4, peak_gb=1.3), sample(0.25, limit_gb=1.4, peak_gb=1.15)])
+    assert shed[1].effect == "workers 4 -> 2 saved 0.15 GB of peak"  # loader changes are reported, never undone
+
+
+def test_an_emergency_waits_for_a_sample_under_the_plan_in_force():
+    cfg, lean = MemoryConfig(), replace(PLAN, num_workers=0, pin_memory=False)
+    hit = sample(0.01, limit_gb=1.4, peak_gb=1.39)
+    d = emergency(hit, lean, cfg, start(cfg, lean))
+    assert d.plan.micro_batch == 8
+    assert emergency(hit, d.plan, cfg, d.state) is None  # the same evidence: no second shrink on it
+    assert emergency(sample(0.01, limit_gb=1.4, peak_gb=1.39), d.plan, cfg, d.state).plan.micro_batch == 16  # undone
 
 
 def test_oom_halves_the_micro_batch_until_max_retries_then_gives_up():
@@ -312,3 +376,16 @@ def test_invariant_and_bounds_hold_after_every_transition(world, per_rank, worke
         assert plan.prefetch_factor <= prefetch and plan.pin_memory <= pin and plan.gradient_checkpointing >= ckpt
         assert PolicyState.from_state_dict(json.loads(json.dumps(state.state_dict()))) == state
     assert not has_flap(plans)
+
+
+def test_workers_are_capped_by_the_room_in_dev_shm():
+    """Batches cross from workers through /dev/shm: workers x prefetch of them must fit in half its free space."""
+    cfg, plan = MemoryConfig(), replace(PLAN, num_workers=4, prefetch_factor=2)
+    batch = 1 * MB
+    roomy = replace(sample(30), shm_free=64 * MB)
+    tight = replace(sample(30), shm_free=9 * MB)  # room for 4 batches in flight: 2 workers x prefetch 2
+    assert not decide([roomy], plan, cfg, 1, start(cfg, plan), batch_bytes=batch).changed
+    capped = decide([tight], plan, cfg, 1, start(cfg, plan), batch_bytes=batch)
+    assert capped.plan.num_workers == 2 and "/dev/shm has 9.0 MB free" in capped.reason
+    now = emergency(replace(sample(30), shm_free=3 * MB), plan, cfg, start(cfg, plan), batch_bytes=batch)
+    assert now.plan.num_workers == 0 and "/dev/shm" in now.reason  # filling up mid-epoch: before a Bus error

@@ -5,16 +5,14 @@ from __future__ import annotations
 import math
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from lowmem_train.config.memory import MemoryConfig
 from lowmem_train.trainer.memory.policy import Plan, PolicyState, decide
-from lowmem_train.trainer.memory.probe import (
-    GB, MB, PAGE_SIZE, VECTOR_LENGTH, GpuReading, MemoryProbe, MemorySample,
-)
+from lowmem_train.trainer.memory.probe import PAGE_SIZE, MemoryProbe
+from lowmem_train.trainer.memory.units import GB, MB, VECTOR_LENGTH, GpuReading, MemorySample
 
 PID = 4242
 V1_UNLIMITED = 9223372036854771712
@@ -73,10 +71,10 @@ def test_cgroup_v1_limit_is_what_the_job_has_left_and_the_policy_sheds(tmp_path)
     s = fake_probe(tmp_path).sample(step=10)
     assert (s.cgroup_limit, s.cgroup_usage, s.job_available, s.job_limit) == (4 * GB, GB, 3 * GB, 4 * GB)
     assert s.host_available == 24 * GB  # the machine has plenty: only the cgroup view tells the truth
-    cfg = MemoryConfig(host_low_gb=3.5, host_headroom_gb=6)
+    cfg = MemoryConfig(host_low_gb=3.5, host_headroom_gb=6, host_low_fraction=0.9, host_headroom_fraction=1.0)
     plan = Plan(8, 1, 4, False, 2, False)
     d = decide([s], plan, cfg, 1, PolicyState.initial(plan, cfg))
-    assert d.plan.num_workers == 2 and d.reason == "job available 3.0 GB < 3.5 GB: workers 4 -> 2"
+    assert d.plan.num_workers == 2 and d.reason == "job available 3.00 GB at peak < 3.50 GB: workers 4 -> 2"
 
 
 def test_cgroup_v1_inactive_file_cache_is_not_counted_and_unlimited_is_none(tmp_path):
@@ -201,15 +199,22 @@ def test_fake_gpu_worst_of_ranks_and_vector_round_trip(tmp_path):
     assert math.isnan(no_gpu_vector[-1]) and MemorySample.from_vector(no_gpu_vector).gpu_used == ()
 
 
-def test_real_sample_on_this_machine_is_plausible_and_has_no_gpu():
+def test_real_sample_on_this_machine_is_plausible():
     s = MemoryProbe().sample(step=3)
     assert 1 * GB < s.host_total < 64 * 1024 * GB and 0 < s.host_available <= s.host_total
     assert 10 * MB < s.tree_pss <= s.tree_rss < s.host_total and s.tree_processes >= 1
     assert 0 < s.job_available <= s.host_available and s.job_limit <= s.host_total
-    assert s.gpu_used == () and s.gpu_used_fraction is None and s.torch_allocated is None
-    assert "no GPU" in s.describe()
+    assert s.tree_pss <= s.step_peak and s.job_available_at_peak <= s.job_available
+    assert s.shm_free is None or s.shm_free > 0
     if Path("/sys/fs/cgroup/memory/memory.usage_in_bytes").exists() or Path("/sys/fs/cgroup/memory.current").exists():
         assert s.cgroup_usage is not None and s.cgroup_usage > 0  # the process's own group was found
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="expects a machine without a GPU")
+def test_real_sample_on_a_machine_without_a_gpu_says_so():
+    s = MemoryProbe().sample(step=3)
+    assert s.gpu_used == () and s.gpu_used_fraction is None and s.torch_allocated is None
+    assert "no GPU" in s.describe()
 
 
 def test_tree_pss_includes_a_child_process_allocating_200_mb():
@@ -226,14 +231,3 @@ def test_tree_pss_includes_a_child_process_allocating_200_mb():
     grown = (after.tree_pss - before.tree_pss) / MB
     assert after.tree_processes == before.tree_processes + 1
     assert 195 < grown < 240, f"tree PSS grew {grown:.0f} MB for a child holding 200 MB"
-
-
-def test_one_sample_costs_well_under_1_percent_of_a_100_ms_step():
-    probe = MemoryProbe()  # default PSS refresh: every 30 s or when the tree changes
-    probe.sample()
-    runs = 200
-    began = time.perf_counter()
-    for step in range(runs):
-        probe.sample(step)
-    per_sample = (time.perf_counter() - began) / runs
-    assert per_sample < 1e-3, f"one sample() took {per_sample * 1e3:.3f} ms (1% of a 100 ms step is 1 ms)"

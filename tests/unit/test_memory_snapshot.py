@@ -10,8 +10,9 @@ import torch
 
 from lowmem_train.config.loader import build_config
 from lowmem_train.model.build import build_model
-from lowmem_train.trainer.memory.probe import GB, PAGE_SIZE, GpuReading, MemoryProbe
-from lowmem_train.trainer.memory.snapshot import REST, WORKERS, memory_snapshot, tally_parts
+from lowmem_train.trainer.memory.probe import PAGE_SIZE, MemoryProbe
+from lowmem_train.trainer.memory.units import GB, GpuReading
+from lowmem_train.trainer.memory.snapshot import WORKERS, memory_snapshot, tally_parts
 
 PID = 4242
 
@@ -67,20 +68,50 @@ def test_parts_are_the_tensors_each_counted_once():
     assert tally.get("host", "optimizer state") == 2 * weights + steps  # exp_avg + exp_avg_sq (+ step counters)
 
 
-def test_parts_add_up_to_the_measured_total_and_peak(tmp_path):
-    model, optimizer = trained_model_and_optimizer(zero_grad=True)
-    probe = fake_proc(tmp_path, {PID: 1 * GB})
-    snap = memory_snapshot(model, optimizer, probe=probe, step=7)
-    host = snap.pools[0]
-    assert host.name == "host" and host.current == 1 * GB
-    assert sum(host.parts.values()) == host.current
-    assert sum(host.peak_parts.values()) == host.peak
-    assert host.parts["gradients"] == 0  # freed between steps (zero_grad(set_to_none=True))
-    assert host.peak_parts["gradients"] == param_bytes(model)  # but they exist during a step
-    assert host.parts[REST] == 1 * GB - sum(v for k, v in host.parts.items() if k != REST)
-    record = json.loads(json.dumps(snap.to_record()))
-    assert record["kind"] == "snapshot" and record["step"] == 7
-    assert abs(sum(record["host"]["parts_gb"].values()) - record["host"]["current_gb"]) < 1e-3
+CHILD = r"""
+import json, sys, torch
+from lowmem_train.trainer.memory.snapshot import memory_snapshot
+print("baseline", flush=True); sys.stdin.readline()
+model = torch.nn.Linear(4096, 4096, bias=False)  # 64 MiB of weights
+optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+model(torch.ones(2, 4096)).sum().backward()
+optimizer.step()
+optimizer.zero_grad(set_to_none=True)  # as between two training steps
+print("allocated", flush=True); sys.stdin.readline()
+snap = memory_snapshot(model, optimizer, step=1)
+print(json.dumps(snap.to_record()), flush=True)
+"""
+
+
+def test_parts_match_allocations_of_known_size_measured_from_outside():
+    """A process allocates 64 MiB of weights and, through AdamW, 128 MiB of moments. Its PSS measured from outside
+    (psutil, from this process) grows by what the snapshot's parts say, and its total is the outside figure."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        pss = []
+        for expected in ("baseline", "allocated"):
+            assert child.stdout.readline().strip() == expected
+            pss.append(psutil.Process(child.pid).memory_full_info().pss)
+            child.stdin.write("\n")
+            child.stdin.flush()
+        record = json.loads(child.stdout.readline())
+    finally:
+        child.kill()
+        child.wait()
+    host, mib = record["host"], 2**20 / 2**30
+    assert abs(host["parts_gb"]["weights"] - 64 * mib) < 1e-3
+    assert abs(host["parts_gb"]["optimizer state"] - 128 * mib) < 1e-3  # exp_avg + exp_avg_sq (+ a step counter)
+    assert host["parts_gb"]["gradients"] == 0  # freed between steps
+    grown = (pss[1] - pss[0]) / 2**30
+    # The parts are real memory: all 192 MiB of them show in the growth seen from outside, which holds besides only
+    # what the allocator may keep of the freed 64 MiB gradient (and 10% of noise).
+    assert 192 * mib <= grown <= (192 + 64) * mib * 1.10, grown / mib
+    assert abs(host["current_gb"] / (pss[1] / 2**30) - 1) < 0.05  # the total is what an observer sees
 
 
 def test_peak_comes_from_the_guards_samples(tmp_path):
@@ -95,7 +126,7 @@ def test_workers_are_a_part_and_earn_a_tip(tmp_path, monkeypatch):
     model, optimizer = trained_model_and_optimizer(zero_grad=True)
     probe = fake_proc(tmp_path, {PID: 1 * GB, PID + 1: GB // 2, PID + 2: GB // 2})
     # The snapshot subtracts this process's own PSS (read from the real /proc/self) from the tree's.
-    monkeypatch.setattr("lowmem_train.trainer.memory.snapshot._own_pss", lambda: 1 * GB)
+    monkeypatch.setattr("lowmem_train.trainer.memory.snapshot.process_pss", lambda: 1 * GB)
     snap = memory_snapshot(model, optimizer, probe=probe)
     host = snap.pools[0]
     assert host.parts[WORKERS] == 1 * GB

@@ -186,12 +186,15 @@ def test_write_task_files(tmp_path: Path) -> None:
     assert train_file.metadata.row_group(0).column(0).compression == "ZSTD"
     train, validation = train_file.read(), validation_file.read()
     for table, rows in ((train, 5000), (validation, 300)):
-        assert table.column_names == ["prompt", "response"]
+        assert table.column_names == ["prompt", "response", "case"]
         assert table.num_rows == rows
         assert all(str(f.type) == "string" for f in table.schema)
-        for prompt, response in zip(table["prompt"].to_pylist(), table["response"].to_pylist()):
+        for prompt, response, case in zip(*(table[c].to_pylist() for c in ("prompt", "response", "case"))):
             assert prompt == str(int(prompt))
             assert response == to_chinese(int(prompt))
+            assert case == zh_numerals.number_case(int(prompt))
+        # Every split holds each case in the stated proportion, exactly.
+        assert Counter(table["case"].to_pylist()) == zh_numerals.case_counts(rows, zh_numerals.CASE_SHARES)
 
     train_prompts = set(train["prompt"].to_pylist())
     validation_prompts = validation["prompt"].to_pylist()
@@ -225,3 +228,22 @@ def test_write_task_failure_leaves_no_file(tmp_path: Path, monkeypatch: pytest.M
     with pytest.raises(RuntimeError):
         _write(tmp_path)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("n, case", [(12345, "no zero"), (7, "no zero"), (305, "inner zero"), (1203040, "inner zero"), (1020304, "zero after 万/亿"),
+                                     (1200, "trailing zero"), (10000, "trailing zero"), (0, "trailing zero"),
+                                     (10010, "zero after 万/亿"), (20240101, "zero after 万/亿"),
+                                     (100000001, "zero after 万/亿"), (120000034, "zero after 万/亿")])
+def test_number_case_names_the_hardest_rule(n: int, case: str) -> None:
+    assert zh_numerals.number_case(n) == case
+
+
+def test_task_numbers_come_in_the_stated_case_proportions() -> None:
+    numbers = zh_numerals.sample_task_numbers(random.Random(3), 10_000, validation=False)
+    counts = Counter(map(zh_numerals.number_case, numbers))
+    assert counts == zh_numerals.case_counts(10_000, zh_numerals.CASE_SHARES)
+    assert all(not is_validation_number(n) and n <= 10**8 for n in numbers)
+    # Shapes uniform digits almost never produce are there: three zeros after 万 (12340005 -> 一千二百三十四万零五).
+    assert sum(len(str(n)) >= 5 and str(n)[-4:-1] == "000" and n % 10 for n in numbers) > 50
+    small = zh_numerals.sample_task_numbers(random.Random(3), 200, validation=False, max_value=999)
+    assert "zero after 万/亿" not in set(map(zh_numerals.number_case, small))  # impossible below 10**4: left out

@@ -1,4 +1,4 @@
-"""The streaming pieces of the `prepare` command (prepare.py): read raw rows, split them, write row groups.
+"""The streaming pieces of `prepare` (prepare.py): read raw rows, split them, write row groups.
 
 Every piece holds at most one input batch (8192 rows) or one output row group; nothing grows with the input.
 """
@@ -18,9 +18,10 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
+from lowmem_train.config.errors import first_line
+from lowmem_train.model import families
 from lowmem_train.trainer.data.encode import vocab_fingerprint
-from lowmem_train.trainer.data.source import (METADATA_KEY, DataError, column_kind, first_line, open_parquet,
-                                               resolve_files)
+from lowmem_train.trainer.data.source import METADATA_KEY, DataError, column_kind, open_parquet, resolve_files
 
 BATCH_ROWS = 8192
 NAMES = ("prompt", "response")
@@ -166,7 +167,7 @@ class Histogram:
 class SplitWriter:
     """Writes one split in row groups of exactly `row_group_size` rows (the last one shorter), atomically."""
 
-    def __init__(self, path: Path, row_group_size: int, tokenizer=None, model_type: str = "t5"):
+    def __init__(self, path: Path, row_group_size: int, tokenizer=None, model_type: str = families.DEFAULT):
         self.path, self.tmp = path, path.with_name(path.name + ".tmp")
         self.row_group_size, self.tokenizer, self.model_type = row_group_size, tokenizer, model_type
         self.pending: list[pa.RecordBatch] = []
@@ -192,7 +193,7 @@ class SplitWriter:
     def tokenize(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         ids = [self.tokenizer(col.to_pylist(), add_special_tokens=False)["input_ids"] for col in batch.columns]
         prompt, response = (np.fromiter(map(len, x), dtype=np.int64, count=len(x)) for x in ids)
-        model = np.maximum(prompt, response) + 1 if self.model_type == "t5" else prompt + response + 2
+        model = families.get(self.model_type).lengths_for_prepare(prompt, response)
         for name, lengths in zip(("prompt", "response", "model"), (prompt, response, model)):
             self.lengths[name].add(lengths)
         return pa.RecordBatch.from_arrays([pa.array(x, pa.list_(pa.int32())) for x in ids], names=NAMES)
@@ -223,36 +224,3 @@ class SplitWriter:
         if self.writer is not None:
             self.writer.close()
             self.tmp.unlink(missing_ok=True)
-
-
-def size_text(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1024 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def report(args, writers: dict[str, SplitWriter], dropped: int, seconds: float) -> None:
-    total = sum(w.rows for w in writers.values())
-    print(f"prepared {total:,} rows from {args.input} in {seconds:.1f} s ({total / max(seconds, 1e-9):,.0f} rows/s)")
-    for name, w in writers.items():
-        where = f"{w.path}: {w.row_groups} row group(s) of <= {args.row_group_size:,} rows, {size_text(w.path.stat().st_size)}" \
-            if w.rows else "not written"
-        print(f"  {name:<10} {w.rows:>12,} rows  {where}")
-    if dropped:
-        print(f"  dropped {dropped:,} rows with a null {args.prompt_column} or {args.response_column}")
-    train = writers["train"]
-    if train.tokenizer is not None:
-        for name in ("prompt", "response"):
-            h = train.lengths[name]
-            print(f"  {name} tokens (train): p50 {h.percentile(50)}, p90 {h.percentile(90)}, p99 {h.percentile(99)}, "
-                  f"max {len(h.counts) - 1}")
-        if args.max_seq_len:
-            over = train.lengths["model"].over(args.max_seq_len)
-            print(f"  {over:,} training rows ({100 * over / max(train.rows, 1):.2f}%) are longer than --max_seq_len "
-                  f"{args.max_seq_len} as {args.model_type} inputs: training truncates or skips them (--data.overlong)")
-    options = [f"--train_file={train.path}"]
-    options.append(f"--validation_file={writers['validation'].path}" if writers["validation"].rows else "--validation_file=''")
-    if args.tokenizer_dir:
-        options.append(f"--tokenizer_dir={args.tokenizer_dir}")
-    print("  train with: python train_low_mem.py train " + " ".join(options))

@@ -22,7 +22,6 @@ of EncodeStats' fields), step and epoch (ints).
 from __future__ import annotations
 
 import gc
-from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -33,22 +32,10 @@ from torch.utils.data import IterableDataset, get_worker_info
 from lowmem_train.trainer.data.encode import Encoder, collate
 from lowmem_train.trainer.data.source import (DataError, ParquetIndex, batch_rows, locate, open_parquet, read_unit,
                                                release_arrow_memory)
+from lowmem_train.trainer.faults import COLLATE_FAULT
+from lowmem_train.trainer.state import DataPosition
 
 READ_ROWS = 4096  # rows per record batch read from parquet
-
-
-@dataclass
-class DataPosition:
-    """Where the next unseen sample is: the one piece of data state a checkpoint needs."""
-
-    epoch: int = 0
-    samples_seen: int = 0  # global samples consumed in this epoch (a multiple of the global batch)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "samples_seen": self.samples_seen}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.epoch, self.samples_seen = int(state["epoch"]), int(state["samples_seen"])
 
 
 class EpochOrder:
@@ -195,6 +182,7 @@ class LowMemDataset(IterableDataset):
         reader = BlockReader(EpochOrder(self.index, self.seed, self.position.epoch, self.shuffle_buffer))
         for step in range(self.first_step() + worker, self.steps_per_epoch(), workers):
             positions = self.rank_positions(step)
+            COLLATE_FAULT.before_collate(step, self.rank)
             batch = collate(self.encoder.encode(reader.rows(positions)), self.pad_id, self.encoder.model_type)
             batch["positions"] = torch.tensor(positions, dtype=torch.long)
             batch["step"], batch["epoch"] = step, self.position.epoch  # ints: each tensor costs a worker IPC

@@ -1,16 +1,11 @@
-"""Rows -> model inputs, for each model type, and padding into one batch.
-
-T5 (encoder-decoder): input_ids = prompt [EOS]; labels = response [EOS] (the model shifts labels right,
-starting from [PAD], to make decoder inputs).
-GPT (causal): input_ids = prompt [SEP] response [EOS]; labels equal input_ids with the prompt and [SEP]
-masked (-100), so only the response is learned; the model shifts labels left internally.
+"""Rows -> model inputs, laid out by the model's family (model/families/), and padding into one batch.
 
 Rows whose text is null are skipped, rows too long are truncated or skipped (cfg.data.overlong); both are
 counted in `EncodeStats` and reported by the trainer, never dropped silently.
 
 Rows of token ids (written by `prepare --tokenize`: prompt and response ids without special tokens) skip the
 tokenizer and take the same path from there on: special tokens, layout and truncation are applied here, at
-training time, so one prepared file serves t5 and gpt and any max_seq_len.
+training time, so one prepared file serves every model family and any max_seq_len.
 """
 
 from __future__ import annotations
@@ -22,7 +17,8 @@ from typing import Sequence
 
 import torch
 
-IGNORE_INDEX = -100
+from lowmem_train.model import families
+from lowmem_train.model.families.base import IGNORE_INDEX, Specials
 
 
 @dataclass
@@ -42,13 +38,17 @@ class EncodeStats:
 
 @dataclass
 class Encoder:
-    """Tokenizes (prompt, response) rows for one model type. Picklable: it travels into DataLoader workers."""
+    """Tokenizes (prompt, response) rows for one model family. Picklable: it travels into DataLoader workers."""
 
     tokenizer: object
     model_type: str
     max_seq_len: int
     overlong: str = "truncate"
     stats: EncodeStats = field(default_factory=EncodeStats)
+
+    def __post_init__(self) -> None:
+        self.family = families.get(self.model_type)
+        self.specials = Specials.of(self.tokenizer)
 
     def encode(self, rows: Sequence[tuple]) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) per kept row; token-id rows (from `prepare`) skip the tokenizer."""
@@ -69,27 +69,11 @@ class Encoder:
         return out
 
     def _build(self, prompt: list[int], response: list[int]) -> tuple[list[int], list[int]] | None:
-        tok, limit = self.tokenizer, self.max_seq_len
-        if self.model_type == "t5":
-            too_long = len(prompt) + 1 > limit or len(response) + 1 > limit
-            if too_long:
-                if self.overlong == "skip":
-                    return None
-                self.stats.truncated += 1
-                prompt, response = prompt[: limit - 1], response[: limit - 1]
-            return prompt + [tok.eos_token_id], response + [tok.eos_token_id]
-        total = len(prompt) + len(response) + 2
-        if total > limit:
-            if self.overlong == "skip":
-                return None
-            self.stats.truncated += 1
-            # Keep the end of the prompt and the start of the response, at least one response token.
-            keep_prompt = min(len(prompt), max(1, limit // 2 - 1))
-            prompt = prompt[len(prompt) - keep_prompt:]
-            response = response[: max(1, limit - keep_prompt - 2)]
-        ids = prompt + [tok.sep_token_id] + response + [tok.eos_token_id]
-        labels = [IGNORE_INDEX] * (len(prompt) + 1) + response + [tok.eos_token_id]
-        return ids[:limit], labels[:limit]
+        row = self.family.layout(prompt, response, self.specials, self.max_seq_len, self.overlong)
+        if row is None:
+            return None
+        self.stats.truncated += row.truncated
+        return row.input_ids, row.labels
 
     def take_stats(self) -> EncodeStats:
         stats, self.stats = self.stats, EncodeStats()
@@ -123,9 +107,5 @@ def collate(pairs: Sequence[tuple[list[int], list[int]]], pad_id: int, model_typ
         "attention_mask": pad([[1] * len(p[0]) for p in pairs], 0),
         "labels": pad([p[1] for p in pairs], IGNORE_INDEX),
     }
-    if model_type == "t5":
-        # The decoder reads the labels shifted right, starting from [PAD] (T5's decoder_start_token_id).
-        shifted = batch["labels"].roll(1, dims=1)
-        shifted[:, 0] = pad_id
-        batch["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)
+    families.get(model_type).collate_extra(batch, pad_id)
     return batch

@@ -1,12 +1,13 @@
 """Everything the data path needs before training: the bundled task (generated when missing), the
-tokenizer (reused or trained), and the parquet indexes. Rank 0 does the writing, the others wait."""
+tokenizer (reused or trained), and the parquet indexes. Rank 0 does the writing, the others wait: the caller
+passes that ordering in (`main_first`), so the data layer holds no collective of its own."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, ContextManager, Iterator
 
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model.tokenizer import load_or_train_tokenizer
@@ -53,21 +54,23 @@ def check_token_ids(index: ParquetIndex, tokenizer, what: str) -> None:
                         f"--tokenizer_dir; pass the --tokenizer_dir that `prepare` used")
 
 
-def load_datasets(cfg: RunConfig, backend) -> LoadedData:
+def load_datasets(cfg: RunConfig, is_main: bool, main_first: Callable[[], ContextManager]) -> LoadedData:
+    """The tokenizer and the indexes of both splits. `main_first()` runs its block on the main process first
+    (which may generate the bundled task and train the tokenizer), then on the others."""
     columns = (cfg.data.prompt_column, cfg.data.response_column)
-    accelerator = backend.accelerator
-    with accelerator.main_process_first():
-        if backend.is_main:
+    with main_first():
+        if is_main:
             ensure_bundled_task(cfg)
         train_index = ParquetIndex.build(cfg.train_file, columns, "--train_file")
         if train_index.kind == "tokens" and not (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
             raise DataError(f"--train_file: {cfg.train_file} holds token ids, but --tokenizer_dir "
                             f"{cfg.tokenizer_dir} holds no tokenizer; pass the one `prepare` used")
-        texts = tokenizer_texts(train_index) if backend.is_main else None
+        texts = tokenizer_texts(train_index) if is_main else None
         tokenizer = load_or_train_tokenizer(Path(cfg.tokenizer_dir), texts, cfg.model.vocab_size)
     check_token_ids(train_index, tokenizer, "--train_file")
     validation_index = None
     if cfg.validation_file:
-        validation_index = ParquetIndex.build(cfg.validation_file, columns, "--validation_file")
+        optional = (cfg.data.case_column,) if cfg.data.case_column else ()
+        validation_index = ParquetIndex.build(cfg.validation_file, columns, "--validation_file", optional)
         check_token_ids(validation_index, tokenizer, "--validation_file")
     return LoadedData(tokenizer, train_index, validation_index)

@@ -9,6 +9,12 @@ Split: whether a number is held out is a pure function of the number (`is_valida
 splitmix64 hash, ~2% of all integers), not of the draw order. So no seed, row count or max_value
 can ever put a validation number into training, and validation accuracy measures generalisation to
 numbers the model has never seen.
+
+Cases: the hard part of the task is zeros, which uniform random digits rarely produce where they matter (a zero
+right after 万 or 亿, as in 20240101 -> 二千零二十四万零一百零一, comes up in ~5% of numbers; an all-zero group
+almost never). So both splits are drawn case by case in fixed proportions (CASE_SHARES), each number labelled
+with its case (`number_case`, a function of the number alone) in a `case` column, and the evaluation reports
+exact match per case.
 """
 
 from __future__ import annotations
@@ -29,7 +35,12 @@ _MAX_N = 10**12 - 1  # three 4-digit groups; 万亿 would need a fourth unit we 
 _MASK64 = (1 << 64) - 1
 _VALIDATION_MODULUS = 50  # 1 in 50 numbers (~2%) is held out
 
-_SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string())])
+_SCHEMA = pa.schema([("prompt", pa.string()), ("response", pa.string()), ("case", pa.string())])
+
+NO_ZERO, INNER_ZERO, TRAILING_ZERO, ZERO_AFTER_UNIT = "no zero", "inner zero", "trailing zero", "zero after 万/亿"
+# Share of each case in both splits. A zero after 万/亿 and inner zeros (零 collapsing) are where a model fails
+# first, trailing zeros (silent, 一万 not 一万零) next; uniform digits without any zero are the easy rest.
+CASE_SHARES = {NO_ZERO: 0.4, INNER_ZERO: 0.2, TRAILING_ZERO: 0.2, ZERO_AFTER_UNIT: 0.2}
 
 
 def _read_group(group: int) -> str:
@@ -132,6 +143,77 @@ def sample_numbers(
     return out
 
 
+def number_case(n: int) -> str:
+    """The case a number belongs to, the hardest rule it exercises first (see CASE_SHARES)."""
+    digits = str(n)
+    for unit_digits in (4, 8):  # the first digit after 万 (10**4) and after 亿 (10**8) is 0, and a digit follows
+        if len(digits) > unit_digits and digits[-unit_digits] == "0" and int(digits[-unit_digits:]) != 0:
+            return ZERO_AFTER_UNIT
+    if "0" in digits.rstrip("0"):
+        return INNER_ZERO
+    return TRAILING_ZERO if digits.endswith("0") else NO_ZERO
+
+
+def _candidate(rng: random.Random, case: str, max_digits: int) -> int | None:
+    """A number likely to be of `case` (the caller checks), or None when the case needs more digits."""
+    shortest = {NO_ZERO: 1, INNER_ZERO: 3, TRAILING_ZERO: 1, ZERO_AFTER_UNIT: 5}[case]
+    if max_digits < shortest:
+        return None
+    length = rng.randint(shortest, max_digits)
+    digits = [rng.randint(1, 9)] + [rng.randint(0 if case != NO_ZERO else 1, 9) for _ in range(length - 1)]
+    if case == INNER_ZERO:
+        digits[rng.randint(1, length - 2)], digits[-1] = 0, rng.randint(1, 9)
+    elif case == TRAILING_ZERO:
+        if length == 1:
+            return 0
+        zeros = rng.randint(1, length - 1)
+        digits = [d or rng.randint(1, 9) for d in digits[: length - zeros]] + [0] * zeros
+    elif case == ZERO_AFTER_UNIT:
+        unit = rng.choice([u for u in (4, 8) if u < length])
+        for k in range(rng.randint(1, 4)):  # 1 to 4 zeros from the top of the group after the unit
+            digits[length - unit + k] = 0
+        if not any(digits[length - unit:]):
+            digits[-1] = rng.randint(1, 9)
+    return int("".join(map(str, digits)))
+
+
+def case_counts(count: int, shares: dict[str, float]) -> dict[str, int]:
+    """`count` split into the shares exactly (largest remainders), so every split holds the stated proportions."""
+    raw = {case: count * share / sum(shares.values()) for case, share in shares.items()}
+    counts = {case: int(value) for case, value in raw.items()}
+    for case in sorted(raw, key=lambda c: counts[c] - raw[c])[: count - sum(counts.values())]:
+        counts[case] += 1
+    return counts
+
+
+def sample_task_numbers(rng: random.Random, count: int, validation: bool, max_value: int = 10**8) -> list[int]:
+    """`count` numbers of one split, case by case in CASE_SHARES (cases that need more digits than max_value has
+    are left out), in random order. Validation numbers are distinct."""
+    max_digits = len(str(max_value))
+    shares = {case: share for case, share in CASE_SHARES.items() if _candidate(random.Random(0), case, max_digits)
+              is not None}
+    cases = [case for case, n in case_counts(count, shares).items() for _ in range(n)]
+    rng.shuffle(cases)
+    out: list[int] = []
+    seen: set[int] = set()
+    budget = 1000 * (count + 100)  # as in sample_numbers: only an impossible request runs out
+    for case in cases:
+        while True:
+            budget -= 1
+            if budget < 0:
+                raise ValueError(f"could not draw {count} {'validation' if validation else 'training'} numbers "
+                                 f"<= {max_value}; the split is too small")
+            n = _candidate(rng, case, max_digits)
+            if n > max_value or is_validation_number(n) != validation or number_case(n) != case:
+                continue
+            if validation and n in seen:
+                continue
+            seen.add(n)
+            out.append(n)
+            break
+    return out
+
+
 def _write_parquet_atomically(path: Path, batches: Iterable[list[int]]) -> None:
     """Write row groups to a hidden temp file in the same directory, fsync, then rename.
 
@@ -144,8 +226,9 @@ def _write_parquet_atomically(path: Path, batches: Iterable[list[int]]) -> None:
             for numbers in batches:
                 prompts = [str(n) for n in numbers]
                 responses = [to_chinese(n) for n in numbers]
+                cases = [number_case(n) for n in numbers]
                 table = pa.Table.from_arrays(
-                    [pa.array(prompts, pa.string()), pa.array(responses, pa.string())],
+                    [pa.array(prompts, pa.string()), pa.array(responses, pa.string()), pa.array(cases, pa.string())],
                     schema=_SCHEMA,
                 )
                 writer.write_table(table, row_group_size=len(numbers))
@@ -165,7 +248,7 @@ def write_task(
     seed: int = 0,
     max_value: int = 10**8,
 ) -> tuple[Path, Path]:
-    """Write out_dir/train.parquet and out_dir/validation.parquet (columns prompt, response).
+    """Write out_dir/train.parquet and out_dir/validation.parquet (columns prompt, response, case).
 
     Training rows are drawn and written one row group at a time so memory stays bounded by
     row_group_size. Validation must be distinct, so it is drawn whole (it is small) and then
@@ -182,13 +265,13 @@ def write_task(
 
     train_rng = random.Random(f"zh_numerals/train/{seed}")  # str seeds hash deterministically
     train_batches = (
-        sample_numbers(train_rng, min(row_group_size, train_rows - start), False, max_value)
+        sample_task_numbers(train_rng, min(row_group_size, train_rows - start), False, max_value)
         for start in range(0, train_rows, row_group_size)
     )
     _write_parquet_atomically(train_path, train_batches)
 
     validation_rng = random.Random(f"zh_numerals/validation/{seed}")
-    numbers = sample_numbers(validation_rng, validation_rows, validation=True, max_value=max_value)
+    numbers = sample_task_numbers(validation_rng, validation_rows, validation=True, max_value=max_value)
     validation_batches = [
         numbers[start : start + row_group_size] for start in range(0, validation_rows, row_group_size)
     ]

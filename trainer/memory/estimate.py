@@ -1,4 +1,4 @@
-"""The `estimate` command and the pre-flight check `train` runs first (footprint.py does the counting).
+"""The pre-flight check `train` runs first, and what the `estimate` command prints (footprint.py does the counting).
 
     python train_low_mem.py estimate --config t5_small [--num_processes 2] [--key=value ...]
 
@@ -13,12 +13,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from lowmem_train.config.schema import ConfigError, RunConfig
+from lowmem_train.config.errors import ConfigError
+from lowmem_train.config.schema import RunConfig
 from lowmem_train.trainer.memory.footprint import LAUNCHER, Estimate, estimate, estimate_for_plan
-from lowmem_train.trainer.memory.probe import GB, MB
-
-HELP = "estimate host RAM and GPU memory a run needs, compare with this machine, recommend a starting plan"
-USES_RUN_CONFIG = True
+from lowmem_train.trainer.memory.units import GB, size_text
 
 
 @dataclass(frozen=True)
@@ -28,6 +26,13 @@ class Capacity:
     host: int
     host_note: str
     gpu: int | None  # the smallest visible GPU's total; None without a GPU
+    limit: int | None = None  # the job's limit (the tightest of host total, cgroup, Slurm, budget): thresholds scale
+
+    def spare(self, cfg: RunConfig) -> int:
+        """What a starting plan should leave free: the guard's low threshold (less would make it shed at once)."""
+        from lowmem_train.trainer.memory.policy import Thresholds
+
+        return Thresholds.of(cfg.memory, self.limit).low
 
 
 @dataclass(frozen=True)
@@ -57,7 +62,7 @@ def machine_capacity(cfg: RunConfig, probe=None) -> Capacity:
     for limit in (s.slurm_limit, s.budget):  # job_available is clamped at 0, so cap by the limit itself too
         if limit:
             host = min(host, limit)
-    return Capacity(host, note, min(gpus) if gpus else None)
+    return Capacity(host, note, min(gpus) if gpus else None, s.job_limit)
 
 
 def fits(est: Estimate, cap: Capacity, headroom: int = 0) -> bool:
@@ -66,9 +71,26 @@ def fits(est: Estimate, cap: Capacity, headroom: int = 0) -> bool:
 
 def recommend(cfg: RunConfig, est: Estimate, cap: Capacity):
     """The first plan down the policy's ladders (loader first, then compute; GPU pressure: compute first) that fits
-    with host_low_gb to spare (less would make the guard shed at once), else with no spare. None: nothing fits."""
-    spare = int(cfg.memory.host_low_gb * GB)
-    return walk_down(cfg, est, cap, spare) or walk_down(cfg, est, cap, 0)
+    with the guard's low threshold to spare (less would make it shed at once), else with no spare. None: nothing fits."""
+    return walk_down(cfg, est, cap, cap.spare(cfg)) or walk_down(cfg, est, cap, 0)
+
+
+def loader_steps_to_fit(cfg: RunConfig, est: Estimate, cap: Capacity) -> tuple[int, str]:
+    """Steps down the loader ladder (workers, prefetch, pin_memory) until the estimate fits the capacity with the
+    guard's low threshold to spare, and a line saying why; (0, "") when the plan fits as it is. Compute is left
+    to the guard's samples: the estimate of activations is a worst case (every row at max_seq_len)."""
+    from lowmem_train.trainer.memory.policy import shed_loader
+
+    spare, plan, steps = cap.spare(cfg), est.plan, 0
+    first = estimate_for_plan(cfg, est.shape, est.engine, plan)
+    candidate = first
+    while not fits(candidate, cap, spare) and (step := shed_loader(plan)) is not None:
+        plan, steps = step[0], steps + 1
+        candidate = estimate_for_plan(cfg, est.shape, est.engine, plan)
+    if not steps:
+        return 0, ""
+    return steps, (f"{size_text(first.host_node)} with {est.plan.num_workers} worker(s) > {size_text(cap.host)} "
+                   f"available - {size_text(spare)} to spare ({cap.host_note})")
 
 
 def walk_down(cfg: RunConfig, est: Estimate, cap: Capacity, spare: int):
@@ -128,16 +150,7 @@ def check_fits(cfg: RunConfig, world_size: int | None = None, plan=None, probe=N
     return FitReport(est, cap, False, f"memory check skipped (--force): {line}")
 
 
-# ---- the command ---------------------------------------------------------------------------------------
-def add_arguments(parser) -> None:
-    parser.add_argument("--num_processes", type=int, default=None, metavar="N",
-                        help="processes the run will use (default: the launched world size, else 1)")
-
-
-def gb(n: float) -> str:
-    return f"{n / GB:.2f} GB" if n >= 0.1 * GB else f"{n / MB:.0f} MB"
-
-
+# ---- what the estimate command prints ---------------------------------------------------------------------
 def render(est: Estimate, cap: Capacity, better, cfg: RunConfig) -> str:
     e, s, plan = est.engine, est.shape, est.plan
     per_param = " + ".join(f"{p.name} {p.per_param:g}" + (" (host)" if p.where == "host" and e.gpu else "")
@@ -149,39 +162,29 @@ def render(est: Estimate, cap: Capacity, better, cfg: RunConfig) -> str:
         f"model        {cfg.model.type}, {s.params / 1e6:.2f}M parameters (largest layer {s.largest_layer / 1e6:.2f}M), "
         f"vocabulary {s.vocab} from {s.vocab_source}",
         f"engine       {e.describe()}",
-        f"bytes/param  {per_param} = {total:g} B per parameter per rank = {gb(total * s.params)}",
+        f"bytes/param  {per_param} = {total:g} B per parameter per rank = {size_text(total * s.params)}",
     ]
     if est.deepspeed_says:
         lines.append(f"             DeepSpeed's estimator: {est.deepspeed_says}")
     lines += [
-        f"activations  {gb(est.activation_sample)} per sample at max_seq_len {cfg.max_seq_len} (checkpointing {ckpt}; "
-        f"{'off' if ckpt == 'on' else 'on'}: {gb(est.activation_other)}); x micro-batch {plan.micro_batch} "
-        f"= {gb(est.activation_sample * plan.micro_batch)}",
-        "host RAM     per rank: " + ", ".join(f"{k} {gb(v)}" for k, v in est.host_parts.items()) + f" = {gb(est.host_rank)}",
-        f"             + {workers} DataLoader worker(s) x {gb(est.worker)} (a worker keeps a copy of the host model "
-        f"states it was forked with; first epoch: {gb(est.worker_first_epoch)})"
-        + (f" + launcher {gb(LAUNCHER)}" if e.world_size > 1 else ""),
-        f"             this machine: {gb(est.host_node)} (first epoch {gb(est.host_first_epoch)})",
-        f"GPU memory   {gb(est.gpu_rank) + ' per GPU' if e.gpu else 'none: CPU training, the model lives in host RAM'}",
-        f"available    host {gb(cap.host)} ({cap.host_note}); "
-        + (f"smallest GPU {gb(cap.gpu)}" if cap.gpu is not None else "no GPU"),
+        f"activations  {size_text(est.activation_sample)} per sample at max_seq_len {cfg.max_seq_len} (checkpointing {ckpt}; "
+        f"{'off' if ckpt == 'on' else 'on'}: {size_text(est.activation_other)}); x micro-batch {plan.micro_batch} "
+        f"= {size_text(est.activation_sample * plan.micro_batch)}",
+        "host RAM     per rank: " + ", ".join(f"{k} {size_text(v)}" for k, v in est.host_parts.items()) + f" = {size_text(est.host_rank)}",
+        f"             + {workers} DataLoader worker(s) and their fork server: {size_text(est.workers)} per rank"
+        + (f" + launcher {size_text(LAUNCHER)}" if e.world_size > 1 else ""),
+        f"             this machine: {size_text(est.host_node)}",
+        f"GPU memory   {size_text(est.gpu_rank) + ' per GPU' if e.gpu else 'none: CPU training, the model lives in host RAM'}",
+        f"available    host {size_text(cap.host)} ({cap.host_note}); "
+        + (f"smallest GPU {size_text(cap.gpu)}" if cap.gpu is not None else "no GPU"),
         f"plan now     {plan.describe()}: " + ("fits" if fits(est, cap) else "does NOT fit"),
     ]
-    spare = cfg.memory.host_low_gb * GB
+    spare = cap.spare(cfg)
     if better is None:
         lines.append("recommended  nothing fits: lower --max_seq_len or the model size, or use more memory")
     else:
         left = cap.host - better.host_node
-        note = "" if left >= spare else f"; under --memory.host_low_gb={cfg.memory.host_low_gb:g}, the guard will shed more"
+        note = "" if left >= spare else f"; under the guard's low threshold ({size_text(spare)}), it will shed more"
         head = "keep it" if better.plan == plan else f"{better.plan.describe()}: {plan_options(better.plan, plan)}"
-        lines.append(f"recommended  {head} ({gb(left)} host RAM to spare{note})")
+        lines.append(f"recommended  {head} ({size_text(left)} host RAM to spare{note})")
     return "\n".join(lines)
-
-
-def run(args, cfg: RunConfig) -> int:
-    if args.num_processes is not None and args.num_processes < 1:
-        raise ConfigError(f"--num_processes must be at least 1 (got {args.num_processes})")
-    est = estimate(cfg, args.num_processes)
-    cap = machine_capacity(cfg)
-    print(render(est, cap, recommend(cfg, est, cap), cfg))
-    return 0

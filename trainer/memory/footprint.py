@@ -9,15 +9,15 @@
     activations activations.py, per sample at max_seq_len (a worst case: real batches are trimmed to their
                 longest row), with or without gradient checkpointing
     host        measured constants of this software stack + the states and activations held in host RAM,
-                x local ranks, + DataLoader workers + the launcher
+                x local ranks, + DataLoader workers (and their fork server) + the launcher
     verdict     against the MemoryProbe's job_available (host, cgroup, Slurm or --memory.host_budget_gb) and
                 the GPUs' totals; the recommended plan walks the policy's own shedding ladders until it fits
 
-Why a DataLoader worker costs so much: workers are forked at every epoch start, and every page the parent
-writes after the fork (weights, optimizer moments, ZeRO partitions: all rewritten each step) is copied, the
-worker keeping the old one. So a worker holds a private copy of the host-resident model states that existed
-when it was forked: in the first epoch only what existed before the first step, from the second epoch on all
-of them. `host_node` is the later, larger figure; `host_first_epoch` what a short run measures.
+What a DataLoader worker costs: workers start from a small fork server (trainer/data/loader.py), not from the
+trainer, so they hold no copy of the model states (a worker forked from the trainer would keep a private copy of
+every page the trainer rewrites: ~0.55 GB per worker for t5_small). Measured for t5_small, tree PSS peaks over
+12 steps: 1.251 GB with 0 workers, 1.461 with 1, 1.575 with 2: the server ~96 MB once, each worker ~114 MB (its
+interpreter pages, a shuffle block, the batches it prefetches), whatever the model.
 
 Constants were calibrated against the peak PSS of real CPU runs' process trees (CALIBRATED_ON); re-measure
 when the stack changes. Everything heavy is imported inside functions: the estimate command's --help stays fast.
@@ -30,16 +30,17 @@ from pathlib import Path
 
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.trainer.memory.activations import activation_bytes_per_sample
-from lowmem_train.trainer.memory.probe import GB, MB
+from lowmem_train.trainer.memory.units import GB, MB
 
 CALIBRATED_ON = "2-core VM, torch 2.13.0+cpu, transformers 5.23, accelerate 1.15, deepspeed 0.19.8"
 # PSS of one training rank without its model: interpreter, torch, transformers, accelerate, pyarrow, tokenizer,
 # parquet index, TensorBoard writer, thread pools (280 MB measured before the model exists, + what the first
 # steps add). DeepSpeed adds its runtime, the cpu_adam op and the gloo buffers.
 RANK_BASELINE = 300 * MB
-DEEPSPEED_RANK_EXTRA = 50 * MB
+DEEPSPEED_RANK_EXTRA = 100 * MB  # measured: t5_small on 2 processes, ZeRO-2 offload, peaks at 3.66 GB (README)
 LAUNCHER = 180 * MB  # `accelerate launch` (torchrun's agent): the ranks' parent, with torch imported
-WORKER = 40 * MB  # a forked worker's own memory (row group, encoding), besides the model states it keeps
+WORKER = 114 * MB  # one DataLoader worker (module docstring: measured with 0, 1 and 2 workers)
+WORKER_SERVER = 96 * MB  # the fork server the workers start from, once per rank while it has workers
 SLACK = 0.10  # freed by torch and glibc but not returned to the system, of a rank's states and activations
 CUDA_HOST = 1.0 * GB  # a rank's host memory for the CUDA libraries (not measurable on this machine)
 CUDA_CONTEXT = 0.5 * GB  # a GPU's memory taken by the CUDA context and kernels before any tensor
@@ -53,8 +54,6 @@ class StatePart:
     name: str
     per_param: float  # bytes per parameter of the whole model, on this rank
     where: str  # "device" (the GPU, or host RAM on a CPU run) or "host" (offloaded)
-    before_first_step: bool  # allocated when the model / engine is built (a first-epoch worker copies it)
-    between_steps: bool  # still allocated between optimizer steps (a worker forked then copies it)
 
 
 @dataclass(frozen=True)
@@ -95,10 +94,8 @@ class Estimate:
     activation_sample: int  # bytes per sample at max_seq_len, as configured (checkpointing on or off)
     activation_other: int  # the same with checkpointing flipped, for the advice
     host_parts: dict[str, int] = field(default_factory=dict)  # per rank
-    worker: int = 0  # one DataLoader worker from the second epoch on (module docstring)
-    worker_first_epoch: int = 0
+    workers: int = 0  # one rank's DataLoader workers and their fork server (module docstring)
     host_node: int = 0  # all ranks of this machine, their workers and the launcher: the figure checked
-    host_first_epoch: int = 0  # the same while first-epoch workers hold less
     gpu_rank: int = 0  # per GPU; 0 without a GPU
     deepspeed_says: str = ""
     deepspeed_gpu: int | None = None  # DeepSpeed's per-GPU model states, where its estimator applies
@@ -115,11 +112,10 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     from lowmem_train.model.build import build_model
 
     vocab, source = cfg.model.vocab_size, "model.vocab_size (no tokenizer yet)"
-    tokenizer_file = Path(cfg.tokenizer_dir) / "tokenizer.json"
-    if tokenizer_file.is_file():
-        from tokenizers import Tokenizer
+    if (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
+        from lowmem_train.model.tokenizer import vocab_size
 
-        vocab, source = Tokenizer.from_file(str(tokenizer_file)).get_vocab_size(with_added_tokens=True), cfg.tokenizer_dir
+        vocab, source = vocab_size(Path(cfg.tokenizer_dir)), cfg.tokenizer_dir
 
     class VocabOnly:  # build_model needs a length and the special ids, nothing else of a tokenizer
         pad_token_id, eos_token_id, bos_token_id = 0, 1, 3
@@ -141,15 +137,13 @@ def resolve_engine(cfg: RunConfig, world_size: int | None = None) -> Engine:
     or `world_size`), and the precision as backend.choose_precision picks it."""
     import json
     import os
-    from unittest import mock
 
     import torch
 
     from lowmem_train.trainer.backend import choose_ds_config_path, choose_precision, launched_world_size
 
     world = world_size or launched_world_size()
-    with mock.patch.dict(os.environ, {"WORLD_SIZE": str(world)}):  # choose_ds_config_path reads the launch size
-        path = choose_ds_config_path(cfg)
+    path = choose_ds_config_path(cfg, world)
     zero = json.loads(path.read_text()).get("zero_optimization", {}) if path else {}
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     gpu = torch.cuda.is_available()
@@ -163,22 +157,21 @@ def state_bytes(engine: Engine, grad_accum: int) -> list[StatePart]:
     """What one rank holds per parameter, by part (DeepSpeed 0.19 ZeRO-1/2/3, torch AdamW)."""
     w, e = engine.world_size, (4 if engine.precision == "fp32" else 2)
     if engine.ds_config is None:  # torch AdamW; accelerate's mixed precision autocasts and keeps fp32 weights
-        parts = [StatePart("weights", 4, "device", True, True),
-                 StatePart("gradients", 4, "device", False, False),  # zero_grad(set_to_none=True) frees them
-                 StatePart("AdamW m+v", 8, "device", False, True)]  # created by the first step
+        parts = [StatePart("weights", 4, "device"),
+                 StatePart("gradients", 4, "device"),  # zero_grad(set_to_none=True) frees them
+                 StatePart("AdamW m+v", 8, "device")]  # created by the first step
         if w > 1:
-            parts.append(StatePart("DDP gradient buckets", 4, "device", True, True))
+            parts.append(StatePart("DDP gradient buckets", 4, "device"))
         return parts
     opt = "host" if engine.offload_optimizer else "device"
-    parts = [StatePart("weights", e / w if engine.zero_stage == 3 else e, "host" if engine.offload_params else "device",
-                       True, True),
-             StatePart("fp32 master partition", 4 / w, opt, True, True),
-             StatePart("gradient partition", 4 / w, opt, False, True),
-             StatePart("AdamW m+v partition", 8 / w, opt, False, True)]
+    parts = [StatePart("weights", e / w if engine.zero_stage == 3 else e, "host" if engine.offload_params else "device"),
+             StatePart("fp32 master partition", 4 / w, opt),
+             StatePart("gradient partition", 4 / w, opt),
+             StatePart("AdamW m+v partition", 8 / w, opt)]
     if engine.zero_stage <= 1:
-        parts.append(StatePart("gradients (unpartitioned)", e, "device", False, False))
+        parts.append(StatePart("gradients (unpartitioned)", e, "device"))
     if engine.offload_optimizer and grad_accum > 1:  # ZeRO sums the micro-batches' gradients in a CPU buffer
-        parts.append(StatePart("accumulation buffer", 4 / w, "host", False, True))
+        parts.append(StatePart("accumulation buffer", 4 / w, "host"))
     return parts
 
 
@@ -204,7 +197,7 @@ def deepspeed_estimate(shape: ModelShape, engine: Engine) -> tuple[str, int | No
 
 def estimate(cfg: RunConfig, world_size: int | None = None, plan=None, shape: ModelShape | None = None,
              engine: Engine | None = None) -> Estimate:
-    from lowmem_train.trainer.memory.guard import plan_from_config
+    from lowmem_train.trainer.memory.policy import plan_from_config
 
     engine = engine or resolve_engine(cfg, world_size)
     shape = shape or model_shape(cfg)
@@ -230,9 +223,7 @@ def estimate_for_plan(cfg: RunConfig, shape: ModelShape, engine: Engine, plan) -
         host[f"activations (micro-batch {plan.micro_batch})"] = int(activations)
     host["model states"] = int(sum(s.per_param for s in on_host) * shape.params)
     host["allocator slack"] = int(SLACK * sum(v for k, v in host.items() if k != "python + torch + libraries"))
-    copied = lambda parts: int(sum(s.per_param for s in parts) * shape.params)  # noqa: E731
-    worker = WORKER + copied([s for s in on_host if s.between_steps])
-    worker_first = WORKER + copied([s for s in on_host if s.before_first_step])
+    workers = WORKER_SERVER + plan.num_workers * WORKER if plan.num_workers else 0
     ranks, launcher = engine.local_ranks, (LAUNCHER if engine.world_size > 1 else 0)
     rank = sum(host.values())
     text, ds_gpu = deepspeed_estimate(shape, engine)
@@ -240,8 +231,7 @@ def estimate_for_plan(cfg: RunConfig, shape: ModelShape, engine: Engine, plan) -
     if engine.gpu:
         device = ds_gpu if ds_gpu is not None else sum(s.per_param for s in states if s.where == "device") * shape.params
         gpu = int(CUDA_CONTEXT + (1 + GPU_SLACK) * (device + activations))
-    return Estimate(shape, engine, plan, states, per_sample, other, host, worker, worker_first,
-                    ranks * (rank + plan.num_workers * worker) + launcher,
-                    ranks * (rank + plan.num_workers * worker_first) + launcher, gpu, text, ds_gpu)
+    return Estimate(shape, engine, plan, states, per_sample, other, host, workers, ranks * (rank + workers) + launcher,
+                    gpu, text, ds_gpu)
 
 

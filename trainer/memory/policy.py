@@ -1,27 +1,36 @@
-"""The memory policy: pure functions from (samples, plan, thresholds) to a new plan. No I/O, no torch, no globals.
+"""The memory policy: when to move along the plan's ladders (plan.py). Pure functions from (samples, plan,
+thresholds, state) to a decision; no I/O, no torch, no globals, nothing that reads the machine.
 
-The global batch never changes: micro_batch x grad_accum x world_size stays what the user asked for, so the
-micro-batch only takes divisors of the per-rank batch (micro_batch x grad_accum).
+Thresholds scale with the job: each host threshold is the smaller of its absolute setting and a fraction of the
+job's limit (the tightest of host, cgroup, Slurm and budget), so a 1.4 GB budget gets margins of tens of MB, not
+the 0.75 / 2 / 4 GB a large host wants. Memory is judged at its peak (MemorySample.available_at_peak): what a
+limit sees at the worst moment of a step, not what is left between steps.
 
-Shedding, one step per decision, cheapest-for-speed memory first:
-  host pressure  workers halved down to 1 -> prefetch_factor halved down to 1 -> workers 1 -> 0 -> pin_memory off
-                 -> (CPU training only, where activations live in host RAM) the compute steps below.
-                 The last worker goes after the prefetch queue: prefetch only exists while workers > 0, and one
-                 worker keeps loading off the training thread, the largest single step in speed.
-  GPU pressure   micro-batch halved (grad_accum doubles) -> at micro-batch 1, gradient checkpointing on.
-Growing back runs the same ladder upwards, one step per decision, never past the starting plan, and only after
-`calm_epochs_before_grow` calm decisions in a row; a grown step undone by pressure before it earned that much calm
-doubles the calm needed (backoff), so a plan cannot flap. `accum_rules` and `max_num_workers` are caps that
-hold whatever the calm.
+  at an epoch end   decide(): host pressure sheds the loader one step; a CPU run (its activations live in host
+                    RAM) shrinks compute once the loader is lean; GPU pressure shrinks compute; after
+                    `calm_epochs_before_grow` calm decisions one step grows back (a growth undone by pressure
+                    doubles the calm needed: no flapping).
+  mid-epoch         emergency(): below the emergency threshold, drop all workers now (then pin_memory, then on a
+                    CPU run compute), one change per sample taken under the plan in force.
+  on out-of-memory  on_oom(): shrink compute and redo the same step.
+
+Every change is judged by its effect (judge): the peak of the samples taken under the new plan against the peak
+that led to it. A compute shrink that bought less than `min_saving` is undone at the next decision and not tried
+again while the pressure lasts (until a calm decision): it would cost speed and buy nothing, so under a tight
+limit the run is held at the cheapest plan that keeps it, not the smallest one. What each change saved is in the
+decision's `effect` (the guard logs it and writes it to memory.jsonl).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Sequence
 
 from lowmem_train.config.memory import MemoryConfig
-from lowmem_train.trainer.memory.probe import GB, MB, MemorySample
+from lowmem_train.trainer.memory.plan import (Plan, accum_floor, apply_caps, divisors, grow_step,  # noqa: F401
+                                              micro_ceiling, plan_from_config, resplit, shed_loader, shm_worker_cap,
+                                              shrink_compute)
+from lowmem_train.trainer.memory.units import GB, MB, MemorySample, gb_text, size_text
 
 MAX_CALM_NEEDED = 64
 
@@ -31,41 +40,23 @@ class OutOfMemoryGiveUp(RuntimeError):
 
 
 @dataclass(frozen=True)
-class Plan:
-    """How the data and compute of one rank are laid out; the guard applies it to the loader and the engine."""
+class Thresholds:
+    """The host thresholds in force for a job, in bytes."""
 
-    micro_batch: int
-    grad_accum: int
-    num_workers: int
-    pin_memory: bool
-    prefetch_factor: int  # kept even while num_workers == 0, for when workers come back (see loader_kwargs)
-    gradient_checkpointing: bool
-
-    def __post_init__(self) -> None:
-        if self.micro_batch < 1 or self.grad_accum < 1 or self.num_workers < 0 or self.prefetch_factor < 1:
-            raise ValueError(f"impossible plan: {self}")
-
-    def global_batch(self, world_size: int) -> int:
-        return self.micro_batch * self.grad_accum * world_size
-
-    def loader_kwargs(self) -> dict[str, Any]:
-        """DataLoader arguments; torch refuses a prefetch_factor without workers."""
-        return {"batch_size": self.micro_batch, "num_workers": self.num_workers, "pin_memory": self.pin_memory,
-                "prefetch_factor": self.prefetch_factor if self.num_workers else None}
-
-    def describe(self) -> str:
-        loader = f"{self.num_workers} workers" + (f" x prefetch {self.prefetch_factor}" if self.num_workers else "")
-        return (f"micro-batch {self.micro_batch} x accumulation {self.grad_accum}, {loader}, "
-                f"pin_memory {'on' if self.pin_memory else 'off'}, "
-                f"checkpointing {'on' if self.gradient_checkpointing else 'off'}")
-
-    def state_dict(self) -> dict[str, Any]:
-        return asdict(self)
+    emergency: int
+    low: int
+    headroom: int
+    min_saving: int
 
     @classmethod
-    def from_state_dict(cls, state: dict[str, Any]) -> Plan:
-        kinds = {"pin_memory": bool, "gradient_checkpointing": bool}
-        return cls(**{f.name: kinds.get(f.name, int)(state[f.name]) for f in fields(cls)})
+    def of(cls, cfg: MemoryConfig, job_limit: int | None) -> "Thresholds":
+        def scaled(gb: float, fraction: float) -> int:
+            return int(gb * GB) if not job_limit else min(int(gb * GB), int(fraction * job_limit))
+
+        return cls(scaled(cfg.host_emergency_gb, cfg.host_emergency_fraction),
+                   scaled(cfg.host_low_gb, cfg.host_low_fraction),
+                   scaled(cfg.host_headroom_gb, cfg.host_headroom_fraction),
+                   scaled(cfg.min_saving_gb, cfg.min_saving_fraction))
 
 
 @dataclass(frozen=True)
@@ -78,6 +69,8 @@ class PolicyState:
     decisions_since_growth: int | None = None  # None: never grew
     pressure_note: str = ""  # an emergency or OOM since the last decision: counts as pressure then
     plan_since_step: int = -1  # samples up to this step were taken under an older plan
+    last_change: dict | None = None  # {kind, what, undo (plan before), before_peak, resource}: judged next
+    futile_compute: bool = False  # a compute shrink bought too little under this pressure: none until calm
 
     @classmethod
     def initial(cls, start: Plan, cfg: MemoryConfig) -> PolicyState:
@@ -101,6 +94,14 @@ class PolicyState:
                        decisions_since_growth=None if premature else since,
                        plan_since_step=self.plan_since_step if step is None else max(step, self.plan_since_step))
 
+    def changed(self, kind: str, what: str, old: Plan, trigger: MemorySample | None,
+                resource: str = "host") -> PolicyState:
+        """Remember a change so that the next samples judge it (`kind`: compute or loader; `resource`: the memory
+        whose pressure made it, host or gpu)."""
+        before = None if trigger is None else peak_of(trigger, resource)
+        return replace(self, last_change={"kind": kind, "what": what, "undo": old.state_dict(), "before_peak": before,
+                                          "resource": resource})
+
 
 @dataclass(frozen=True)
 class Decision:
@@ -108,102 +109,41 @@ class Decision:
     state: PolicyState | None  # None when the caller passed no state
     reason: str  # one line naming the numbers
     changed: bool
+    effect: str = ""  # what the previous change saved, once samples under it judged it
 
 
-def divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
+def peak_of(sample: MemorySample, resource: str) -> int | None:
+    """The peak a change is judged by: host (the tree's step peak) or GPU (torch's peak allocation)."""
+    if resource == "gpu":
+        return sample.torch_max_allocated
+    return sample.step_peak
 
 
-def resplit(plan: Plan, micro: int) -> tuple[Plan, str]:
-    """The same per-rank batch split into micro-batches of `micro` (a divisor of it), and what changed."""
-    new = replace(plan, micro_batch=micro, grad_accum=plan.micro_batch * plan.grad_accum // micro)
-    return new, f"micro-batch {plan.micro_batch} -> {micro}, grad_accum {plan.grad_accum} -> {new.grad_accum}"
+def judge(fresh: Sequence[MemorySample], plan: Plan, state: PolicyState,
+          t: Thresholds) -> tuple[PolicyState, str, Plan | None]:
+    """The effect of the last change, from samples taken under it: (state, what it saved, plan to go back to)."""
+    change = state.last_change
+    if change is None or not fresh:
+        return state, "", None
+    after = [p for s in fresh if (p := peak_of(s, change["resource"])) is not None]
+    state = replace(state, last_change=None)
+    if change["before_peak"] is None or not after:
+        return state, "", None
+    saved = change["before_peak"] - max(after)
+    effect = f"{change['what']} saved {size_text(saved) if saved >= 0 else '-' + size_text(-saved)} of peak"
+    if change["kind"] != "compute" or saved >= t.min_saving:
+        return state, effect, None
+    undo = Plan.from_state_dict(change["undo"])
+    back = replace(plan, micro_batch=undo.micro_batch, grad_accum=undo.grad_accum,
+                   gradient_checkpointing=undo.gradient_checkpointing)
+    return replace(state, futile_compute=True), f"{effect} < {size_text(t.min_saving)}: undone", back
 
 
-def shrink_compute(plan: Plan) -> tuple[Plan, str] | None:
-    """Halve the micro-batch (largest divisor <= half), or at 1 turn gradient checkpointing on."""
-    if plan.micro_batch > 1:
-        return resplit(plan, max(d for d in divisors(plan.micro_batch * plan.grad_accum) if d <= plan.micro_batch // 2))
-    if not plan.gradient_checkpointing:
-        return replace(plan, gradient_checkpointing=True), "gradient checkpointing on (micro-batch already 1)"
-    return None
-
-
-def shed_loader(plan: Plan) -> tuple[Plan, str] | None:
-    """One step of the host ladder (module docstring), or None when the loader is already lean."""
-    w, p = plan.num_workers, plan.prefetch_factor
-    if w > 1:
-        return replace(plan, num_workers=w // 2), f"workers {w} -> {w // 2}"
-    if w == 1 and p > 1:
-        return replace(plan, prefetch_factor=p // 2), f"prefetch_factor {p} -> {p // 2}"
-    if w == 1:
-        return replace(plan, num_workers=0), "workers 1 -> 0 (loading in the training process)"
-    if plan.pin_memory:
-        return replace(plan, pin_memory=False), "pin_memory off"
-    return None
-
-
-def grow_step(plan: Plan, start: Plan, micro_ceiling: int) -> tuple[Plan, str] | None:
-    """One step back up the ladders, toward `start` and never past it; the micro-batch stays <= micro_ceiling."""
-    if plan.gradient_checkpointing and not start.gradient_checkpointing:
-        return replace(plan, gradient_checkpointing=False), "gradient checkpointing off"
-    ceiling = min(micro_ceiling, start.micro_batch)
-    bigger = [d for d in divisors(plan.micro_batch * plan.grad_accum) if plan.micro_batch < d <= ceiling]
-    if bigger:
-        return resplit(plan, bigger[0])
-    if start.pin_memory and not plan.pin_memory:
-        return replace(plan, pin_memory=True), "pin_memory on"
-    w, p = plan.num_workers, plan.prefetch_factor
-    if w == 0 and start.num_workers > 0:
-        return replace(plan, num_workers=1), "workers 0 -> 1"
-    if w > 0 and p < start.prefetch_factor:
-        p2 = min(2 * p, start.prefetch_factor)
-        return replace(plan, prefetch_factor=p2), f"prefetch_factor {p} -> {p2}"
-    if w < start.num_workers:
-        w2 = min(2 * w, start.num_workers)
-        return replace(plan, num_workers=w2), f"workers {w} -> {w2}"
-    return None
-
-
-def accum_floor(available: int, cfg: MemoryConfig) -> tuple[int, str]:
-    """The largest min_grad_accum of the accum_rules in force at `available` bytes, and why."""
-    floor, why = 1, ""
-    for rule in cfg.accum_rules:
-        if available < rule["below_available_gb"] * GB and rule["min_grad_accum"] > floor:
-            floor = rule["min_grad_accum"]
-            why = f"available {available / GB:.1f} GB < {rule['below_available_gb']:.1f} GB needs grad_accum >= {floor}"
-    return floor, why
-
-
-def micro_ceiling(plan: Plan, min_accum: int) -> int:
-    """The largest micro-batch that keeps grad_accum >= min_accum."""
-    per_rank = plan.micro_batch * plan.grad_accum
-    return max(d for d in divisors(per_rank) if d * min_accum <= per_rank) if min_accum <= per_rank else 1
-
-
-def apply_caps(plan: Plan, available: int, cfg: MemoryConfig) -> tuple[Plan, list[str]]:
-    """Enforce max_num_workers and the accum_rules in force; these hold whatever the calm."""
-    notes = []
-    if plan.num_workers > cfg.max_num_workers:
-        notes.append(f"workers {plan.num_workers} -> {cfg.max_num_workers} (max_num_workers)")
-        plan = replace(plan, num_workers=cfg.max_num_workers)
-    floor, why = accum_floor(available, cfg)
-    ceiling = micro_ceiling(plan, floor)
-    if plan.micro_batch > ceiling:
-        plan, change = resplit(plan, ceiling)
-        notes.append(f"accum rule, {why}: {change}")
-    return plan, notes
-
-
-def gb(n: int) -> str:
-    return f"{n / GB:.1f} GB"
-
-
-def pressure_reasons(worst: MemorySample, cfg: MemoryConfig) -> tuple[str, str]:
+def pressure_reasons(worst: MemorySample, cfg: MemoryConfig, t: Thresholds) -> tuple[str, str]:
     """(host reason, GPU reason); an empty string means no pressure of that kind."""
     host = ""
-    if worst.job_available < cfg.host_low_gb * GB:
-        host = f"job available {gb(worst.job_available)} < {cfg.host_low_gb:.1f} GB"
+    if worst.available_at_peak < t.low:
+        host = f"job available {gb_text(worst.available_at_peak, 2)} at peak < {gb_text(t.low, 2)}"
     elif worst.swapped_out is not None and worst.swapped_out > cfg.swap_growth_mb * MB:
         host = f"swap grew {worst.swapped_out / MB:.0f} MB in one probe > {cfg.swap_growth_mb:.0f} MB"
     fraction = worst.gpu_used_fraction
@@ -213,8 +153,9 @@ def pressure_reasons(worst: MemorySample, cfg: MemoryConfig) -> tuple[str, str]:
 
 
 def decide(samples: Sequence[MemorySample], plan: Plan, cfg: MemoryConfig, world_size: int,
-           state: PolicyState) -> Decision:
-    """The epoch-boundary decision, from the (already worst-of-ranks) samples since the last decision."""
+           state: PolicyState, batch_bytes: int = 0) -> Decision:
+    """The epoch-boundary decision, from the (already worst-of-ranks) samples since the last decision.
+    `batch_bytes`: one per-rank batch as it crosses from a worker through /dev/shm (0: unknown)."""
     if plan.global_batch(world_size) != state.start.global_batch(world_size):
         raise ValueError(f"plan ({plan.describe()}) and starting plan ({state.start.describe()}) differ in "
                          f"global batch at world size {world_size}: rebuild the policy state for this world size")
@@ -225,19 +166,25 @@ def decide(samples: Sequence[MemorySample], plan: Plan, cfg: MemoryConfig, world
         capped = replace(plan, num_workers=min(plan.num_workers, cfg.max_num_workers))
         return Decision(capped, state, f"no new memory samples: {capped.describe()}", capped != plan)
     worst = MemorySample.worst(fresh)
-    host, gpu = pressure_reasons(worst, cfg)
-    new, notes = plan, []
+    t = Thresholds.of(cfg, worst.job_limit)
+    state, effect, undo = judge(fresh, plan, state, t)
+    if undo is not None:
+        return Decision(undo, state.after_shrink("", worst.step), effect, True, effect)
+    host, gpu = pressure_reasons(worst, cfg, t)
+    new, notes, kind, resource = plan, [], "loader", "host"
     if gpu:
         shrunk = shrink_compute(new)
-        new = shrunk[0] if shrunk else new
+        new, kind, resource = (shrunk[0], "compute", "gpu") if shrunk else (new, kind, resource)
         notes.append(f"{gpu}: {shrunk[1] if shrunk else 'nothing left to shrink'}")
     if host:
         shed = shed_loader(new)
-        if shed is None and worst.gpu_used_fraction is None and not gpu:  # CPU training: activations in host RAM
-            shed = shrink_compute(new)
+        cpu_run = worst.gpu_used_fraction is None and not gpu  # activations in host RAM
+        if shed is None and cpu_run and not state.futile_compute:
+            shed, kind = shrink_compute(new), "compute"
         new = shed[0] if shed else new
-        notes.append(f"{host}: {shed[1] if shed else 'nothing left to shed'}")
-    new, cap_notes = apply_caps(new, worst.job_available, cfg)
+        held = " (compute shrinks bought too little under this pressure: held)" if state.futile_compute else ""
+        notes.append(f"{host}: {shed[1] if shed else 'nothing left to shed' + held}")
+    new, cap_notes = apply_caps(new, worst.job_available, cfg, worst.shm_free, batch_bytes)
     notes += cap_notes
     since = None if state.decisions_since_growth is None else state.decisions_since_growth + 1
     state = replace(state, decisions_since_growth=since)
@@ -245,45 +192,67 @@ def decide(samples: Sequence[MemorySample], plan: Plan, cfg: MemoryConfig, world
         if state.pressure_note and not (host or gpu or cap_notes):
             notes.append(f"{state.pressure_note} since the last decision: no growth")
         state = replace(state.after_shrink("", worst.step if new != plan else None), pressure_note="")
-        return Decision(new, state, "; ".join(notes), new != plan)
+        if new != plan:
+            state = state.changed(kind, "; ".join(notes).rsplit(": ", 1)[-1], plan, worst, resource)
+        return Decision(new, state, "; ".join(notes), new != plan, effect)
     fraction = worst.gpu_used_fraction
-    calm = worst.job_available > cfg.host_headroom_gb * GB and (fraction is None or fraction < cfg.gpu_low_fraction)
+    calm = worst.available_at_peak > t.headroom and (fraction is None or fraction < cfg.gpu_low_fraction)
     gpu_text = "no GPU" if fraction is None else f"GPU {fraction:.0%}"
     if not calm:
         return Decision(plan, replace(state, calm_decisions=0),
-                        f"available {gb(worst.job_available)}, {gpu_text}: between thresholds, plan kept", False)
+                        f"available {gb_text(worst.available_at_peak)}, {gpu_text}: between thresholds, plan kept",
+                        False, effect)
+    state = replace(state, futile_compute=False)  # the pressure that made shrinks futile is over
     calm_count = state.calm_decisions + 1
-    numbers = (f"available {gb(worst.job_available)} > {cfg.host_headroom_gb:.1f} GB, {gpu_text}"
+    numbers = (f"available {gb_text(worst.available_at_peak)} > {gb_text(t.headroom)}, {gpu_text}"
                + ("" if fraction is None else f" < {cfg.gpu_low_fraction:.0%}"))
     grown = None
     if calm_count >= state.calm_needed:
         grown = grow_step(plan, state.start, micro_ceiling(plan, accum_floor(worst.job_available, cfg)[0]))
+        if grown is not None and apply_caps(grown[0], worst.job_available, cfg, worst.shm_free, batch_bytes)[1]:
+            grown = None  # that step would break a cap (/dev/shm): stay
     if grown is None:
         progress = "nothing to grow back" if calm_count >= state.calm_needed else f"{calm_count}/{state.calm_needed}"
         return Decision(plan, replace(state, calm_decisions=min(calm_count, state.calm_needed)),
-                        f"calm ({numbers}), {progress}: plan kept", False)
+                        f"calm ({numbers}), {progress}: plan kept", False, effect)
     state = replace(state, calm_decisions=0, decisions_since_growth=0, plan_since_step=worst.step)
-    return Decision(grown[0], state, f"calm for {calm_count} decisions ({numbers}): {grown[1]}", True)
+    return Decision(grown[0], state, f"calm for {calm_count} decisions ({numbers}): {grown[1]}", True, effect)
 
 
 def emergency(sample: MemorySample, plan: Plan, cfg: MemoryConfig,
-              state: PolicyState | None = None) -> Decision | None:
-    """Mid-epoch: below host_emergency_gb drop all workers now (the guard rebuilds the loader); None = no change."""
-    if not cfg.adaptive or sample.job_available >= cfg.host_emergency_gb * GB:
+              state: PolicyState | None = None, batch_bytes: int = 0) -> Decision | None:
+    """Mid-epoch: below the emergency threshold drop all workers now (the guard rebuilds the loader), then
+    pin_memory, then on a CPU run compute; /dev/shm filling up drops workers too. One change per sample taken under
+    the plan in force; None = nothing."""
+    if not cfg.adaptive or (state is not None and sample.step <= state.plan_since_step):
         return None
-    why = f"job available {gb(sample.job_available)} < emergency {cfg.host_emergency_gb:.2f} GB"
+    room = shm_worker_cap(plan, sample.shm_free, batch_bytes)
+    if room < plan.num_workers:
+        why = f"/dev/shm has {size_text(sample.shm_free)} free: workers {plan.num_workers} -> {room} now"
+        new_state = None if state is None else state.after_shrink(why, sample.step)
+        return Decision(replace(plan, num_workers=room), new_state, why, True)
+    t = Thresholds.of(cfg, sample.job_limit)
+    effect = ""
+    if state is not None:
+        state, effect, undo = judge([sample], plan, state, t)
+        if undo is not None:
+            return Decision(undo, state.after_shrink("", sample.step), effect, True, effect)
+    if sample.available_at_peak >= t.emergency:
+        return Decision(plan, state, effect, False, effect) if effect else None
+    why = f"job available {gb_text(sample.available_at_peak, 2)} at peak < emergency {gb_text(t.emergency, 2)}"
+    kind = "loader"
     if plan.num_workers > 0:
         step = (replace(plan, num_workers=0), f"workers {plan.num_workers} -> 0 now")
     elif plan.pin_memory:
         step = (replace(plan, pin_memory=False), "pin_memory off now")
-    elif sample.gpu_used_fraction is None:  # CPU training: the micro-batch's activations are in host RAM
-        step = shrink_compute(plan)
+    elif sample.gpu_used_fraction is None and not (state is not None and state.futile_compute):
+        step, kind = shrink_compute(plan), "compute"  # CPU training: the micro-batch's activations are in host RAM
     else:
         step = None
     if step is None:
-        return None
-    new_state = None if state is None else state.after_shrink(why, sample.step)
-    return Decision(step[0], new_state, f"{why}: {step[1]}", True)
+        return Decision(plan, state, effect, False, effect) if effect else None
+    new_state = None if state is None else state.after_shrink(why, sample.step).changed(kind, step[1], plan, sample)
+    return Decision(step[0], new_state, f"{why}: {step[1]}", True, effect)
 
 
 def on_oom(plan: Plan, world_size: int, cfg: MemoryConfig, retries_so_far: int,
@@ -300,6 +269,6 @@ def on_oom(plan: Plan, world_size: int, cfg: MemoryConfig, retries_so_far: int,
         raise OutOfMemoryGiveUp(f"out of memory with {plan.describe()}: nothing left to shrink; lower max_seq_len, "
                                 "the model size, or use more devices")
     why = f"out of memory (retry {retries_so_far + 1}/{cfg.max_oom_retries})"
-    new_state = None if state is None else state.after_shrink(why, step)
+    new_state = None if state is None else replace(state.after_shrink(why, step), last_change=None)
     global_batch = shrunk[0].global_batch(world_size)
     return Decision(shrunk[0], new_state, f"{why}: {shrunk[1]} (global batch {global_batch} kept)", True)

@@ -19,115 +19,17 @@ import math
 import os
 import resource
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, Sequence
+
+from lowmem_train.trainer.memory.units import GB, MB, GpuReading, MemorySample
 
 if TYPE_CHECKING:
     from lowmem_train.config.memory import MemoryConfig
 
-GB = 1 << 30
-MB = 1 << 20
 UNLIMITED_AT = 1 << 60  # cgroup v1 says "no limit" with 9223372036854771712 (a page-size dependent huge number)
 PAGE_SIZE = resource.getpagesize()
-
-
-@dataclass(frozen=True)
-class GpuReading:
-    """What `read_gpu` returns: pynvml used/total per visible device, torch.cuda figures of the current device."""
-
-    used: tuple[int, ...] = ()
-    total: tuple[int, ...] = ()
-    torch_allocated: int | None = None
-    torch_reserved: int | None = None
-    torch_max_allocated: int | None = None
-
-
-@dataclass(frozen=True)
-class MemorySample:
-    """One reading of one rank (or the worst case of several); None = that figure does not exist here."""
-
-    step: int
-    time: float  # wall clock (time.time()), comparable across ranks
-    host_total: int
-    host_available: int  # MemAvailable, as psutil.virtual_memory().available
-    swap_used: int
-    swap_in_rate: float | None  # bytes/s since the previous sample (None on the first one)
-    swap_out_rate: float | None
-    swapped_out: int | None  # bytes written to swap since the previous sample: the policy's swap signal
-    tree_pss: int  # this process and all its descendants (DataLoader workers); RSS where PSS is unreadable
-    tree_rss: int
-    tree_processes: int
-    cgroup_limit: int | None  # the binding limit: the process's own cgroup or an ancestor's
-    cgroup_usage: int | None  # that group's usage minus inactive file cache (reclaimed before any OOM kill)
-    slurm_limit: int | None
-    budget: int | None
-    job_available: int  # what the job may still use here: the least headroom of host, cgroup, Slurm, budget
-    job_limit: int | None
-    gpu_used: tuple[int, ...] = ()  # per visible device
-    gpu_total: tuple[int, ...] = ()
-    torch_allocated: int | None = None  # current device
-    torch_reserved: int | None = None
-    torch_max_allocated: int | None = None
-
-    @property
-    def gpu_used_fraction(self) -> float | None:
-        """Used / total of the fullest GPU, or None without a GPU."""
-        fractions = [u / t for u, t in zip(self.gpu_used, self.gpu_total) if t > 0]
-        return max(fractions) if fractions else None
-
-    def describe(self) -> str:
-        gpu = self.gpu_used_fraction
-        return (f"step {self.step}: job available {self.job_available / GB:.1f} GB"
-                + (f" of {self.job_limit / GB:.1f} GB" if self.job_limit else "")
-                + f", tree PSS {self.tree_pss / GB:.2f} GB in {self.tree_processes} process(es)"
-                + f", swap out {(self.swap_out_rate or 0) / MB:.1f} MB/s"
-                + (f", GPU {gpu:.0%}" if gpu is not None else ", no GPU"))
-
-    @classmethod
-    def worst(cls, samples: Sequence[MemorySample]) -> MemorySample:
-        """The worst case of several ranks (or several moments): least available, most used, fullest GPU."""
-        if not samples:
-            raise ValueError("MemorySample.worst needs at least one sample")
-
-        def pick(name: str, choose: Callable) -> object:
-            present = [getattr(s, name) for s in samples if getattr(s, name) is not None]
-            return choose(present) if present else None
-
-        lowest = ("host_total", "host_available", "cgroup_limit", "slurm_limit", "budget", "job_available", "job_limit")
-        values = {f.name: pick(f.name, min if f.name in lowest else max) for f in fields(cls)
-                  if f.name not in ("gpu_used", "gpu_total")}
-        fullest = max(samples, key=lambda s: -1.0 if s.gpu_used_fraction is None else s.gpu_used_fraction)
-        return cls(**values, **fullest._fullest_gpu())
-
-    def _fullest_gpu(self) -> dict[str, tuple[int, ...]]:
-        """The GPU fields reduced to the fullest device (what the policy needs, and a fixed width for a vector)."""
-        if self.gpu_used_fraction is None:
-            return {"gpu_used": (), "gpu_total": ()}
-        used, total = max(zip(self.gpu_used, self.gpu_total), key=lambda ut: ut[0] / ut[1] if ut[1] else -1.0)
-        return {"gpu_used": (used,), "gpu_total": (total,)}
-
-    def to_vector(self) -> list[float]:
-        """Flat floats (NaN = absent) to all-gather as one float64 tensor; the GPUs shrink to the fullest device."""
-        scalars = [getattr(self, name) for name in _SCALAR_FIELDS]
-        gpu = self._fullest_gpu()
-        scalars += [gpu["gpu_used"][0], gpu["gpu_total"][0]] if gpu["gpu_used"] else [None, None]
-        return [math.nan if v is None else float(v) for v in scalars]
-
-    @classmethod
-    def from_vector(cls, vector: Sequence[float]) -> MemorySample:
-        if len(vector) != VECTOR_LENGTH:
-            raise ValueError(f"a memory sample vector has {VECTOR_LENGTH} numbers, got {len(vector)}")
-        floats = {"time", "swap_in_rate", "swap_out_rate"}
-        values = {name: None if math.isnan(v) else (float(v) if name in floats else int(round(v)))
-                  for name, v in zip(_SCALAR_FIELDS, vector)}
-        used, total = vector[-2:]
-        gpu = {} if math.isnan(used) else {"gpu_used": (int(round(used)),), "gpu_total": (int(round(total)),)}
-        return cls(**values, **gpu)
-
-
-_SCALAR_FIELDS = tuple(f.name for f in fields(MemorySample) if f.name not in ("gpu_used", "gpu_total"))
-VECTOR_LENGTH = len(_SCALAR_FIELDS) + 2
 
 
 class SystemGpuReader:
@@ -208,6 +110,7 @@ class MemoryProbe:
         self._last_swap = (now, swap_in, swap_out)
         elapsed = max(now - last[0], 1e-9) if last else 0.0
         tree_pss, tree_rss, processes = self._tree_memory()
+        rise = self._rise_to_peak()  # read before anything below allocates
         gpu = self.read_gpu()
         readings = [level.read() for level in self.cgroup_levels]
         limited = [(limit, usage) for limit, usage in readings if limit is not None]
@@ -217,6 +120,9 @@ class MemoryProbe:
         headrooms = [host_available] + ([cgroup_limit - cgroup_usage] if cgroup_limit is not None else [])
         headrooms += [limit - self.ranks_on_node * tree_pss for limit in (self.slurm_limit, self.budget) if limit]
         limits = [v for v in (host_total, cgroup_limit, self.slurm_limit, self.budget) if v]
+        # At the peak every rank of the machine had risen alike (they run the same steps): the headrooms were smaller
+        # by the rise of all of them.
+        at_peak = min(headrooms) - self.ranks_on_node * rise
         return MemorySample(
             step=step, time=time.time(), host_total=host_total, host_available=host_available, swap_used=swap_used,
             swap_in_rate=(swap_in - last[1]) / elapsed if last else None,
@@ -226,8 +132,28 @@ class MemoryProbe:
             slurm_limit=self.slurm_limit, budget=self.budget, job_available=max(0, min(headrooms)),
             job_limit=min(limits) if limits else None, gpu_used=gpu.used, gpu_total=gpu.total,
             torch_allocated=gpu.torch_allocated, torch_reserved=gpu.torch_reserved,
-            torch_max_allocated=gpu.torch_max_allocated,
+            torch_max_allocated=gpu.torch_max_allocated, step_peak=tree_pss + rise,
+            job_available_at_peak=max(0, at_peak), shm_free=self._shm_free(),
         )
+
+    def _rise_to_peak(self) -> int:
+        """How far above its present RSS this process went since the last call (its high-water mark, VmHWM), which
+        is then reset (Linux: writing 5 to clear_refs). Samples between steps miss what a step allocates and frees:
+        activations, the optimizer step's temporaries; the high-water mark holds it."""
+        status = read_fields(f"{self._proc}/{self.pid}/status", (b"VmHWM:", b"VmRSS:"), scale=1024)
+        try:
+            with open(f"{self._proc}/{self.pid}/clear_refs", "w") as f:
+                f.write("5")
+        except OSError:  # not Linux >= 4.0, or not ours to reset: the mark then covers the whole run
+            pass
+        return max(0, status.get(b"VmHWM:", 0) - status.get(b"VmRSS:", 0))
+
+    def _shm_free(self) -> int | None:
+        try:
+            st = os.statvfs(self.root / "dev" / "shm")
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
 
     def _host(self) -> tuple[int, int, int, int, int]:
         """(total, available, swap used, bytes swapped in and out since boot), as psutil computes them."""
@@ -279,7 +205,7 @@ class MemoryProbe:
         return int(statm[1]) * PAGE_SIZE if len(statm) > 1 else None
 
     def _read_pss(self, pid: int, rss: int) -> int:
-        return read_fields(f"{self._proc}/{pid}/smaps_rollup", (b"Pss:",), scale=1024).get(b"Pss:", rss)
+        return process_pss(pid, self._proc) or rss
 
 
 @dataclass(frozen=True)
@@ -332,6 +258,11 @@ def slurm_limit(environ: Mapping[str, str]) -> int | None:
     if per_cpu.isdigit() and cpus.isdigit() and int(per_cpu) * int(cpus) > 0:
         return int(per_cpu) * int(cpus) * MB
     return None
+
+
+def process_pss(pid: int | str = "self", proc: str = "/proc") -> int:
+    """PSS of one process in bytes (shared pages split between their users), 0 when it cannot be read."""
+    return read_fields(f"{proc}/{pid}/smaps_rollup", (b"Pss:",), scale=1024).get(b"Pss:", 0)
 
 
 def read_file(path: str) -> bytes | None:

@@ -1,4 +1,4 @@
-"""The `report` command: a run's memory over its steps as a PNG, and a printed summary.
+"""A run's memory over its steps as a PNG, and a summary (what the `report` command shows).
 
 Reads run_dir/memory.jsonl, which the memory guard appends to (rank 0):
     {"kind": "sample", "step", "host_available_gb", "job_available_gb", "swap_used_gb", "tree_pss_gb",
@@ -14,15 +14,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from lowmem_train.config.schema import ConfigError
-
-HELP = "plot a run's memory over its steps (PNG) and print peaks, plan changes and the last snapshot"
-USES_RUN_CONFIG = False
-
-
-def add_arguments(parser) -> None:
-    parser.add_argument("--run_dir", required=True, help="the run's output_dir (holds memory.jsonl)")
-    parser.add_argument("--output", default=None, help="PNG path (default: RUN_DIR/memory_report.png)")
+from lowmem_train.config.errors import ConfigError
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -55,7 +47,29 @@ def load_run(run_dir: Path) -> dict[str, list[dict]]:
 def short_label(reason: str, limit: int = 34) -> str:
     """The action of a plan reason ("job available 1.2 GB < 2.0 GB: workers 2 -> 1" -> "workers 2 -> 1")."""
     action = reason.split("; ")[0].rsplit(": ", 1)[-1].split(", grad_accum")[0]  # accumulation follows the micro-batch
+    if action == "undone":  # "micro-batch 16 -> 8, grad_accum 2 -> 4 saved 10 MB of peak < 28 MB: undone"
+        action = "undid " + reason.split(" saved ")[0].split(", grad_accum")[0]
     return action if len(action) <= limit else action[: limit - 1] + "…"
+
+
+def label_groups(plans: list[dict], span: int, width: float = 0.06) -> list[tuple[int, int, str]]:
+    """One label per cluster of plan changes closer than `width` of the step axis: (first step, last step, text).
+    A change every step (an emergency under a tight budget) would otherwise print dozens of labels on each other:
+    a cluster reads "7 changes, steps 3-12: ... -> <the last one>"."""
+    groups: list[list[dict]] = []
+    for plan in plans:
+        if groups and plan["step"] - groups[-1][-1]["step"] <= width * max(span, 1):
+            groups[-1].append(plan)
+        else:
+            groups.append([plan])
+    out = []
+    for group in groups:
+        first, last = group[0]["step"], group[-1]["step"]
+        text = short_label(group[-1].get("reason", ""), limit=26)
+        if len(group) > 1:
+            text = f"{len(group)} changes, steps {first}-{last}: ... {text}"
+        out.append((first, last, text))
+    return out
 
 
 def series(samples: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -65,7 +79,7 @@ def series(samples: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 def job_limits(samples: list[dict]) -> tuple[list[int], list[float]]:
     """The job's memory limit per sample (host total, or the tightest cgroup / Slurm / budget), from the vectors."""
-    from lowmem_train.trainer.memory.probe import GB, VECTOR_LENGTH, MemorySample
+    from lowmem_train.trainer.memory.units import GB, VECTOR_LENGTH, MemorySample
 
     points = []
     for s in samples:
@@ -130,12 +144,14 @@ def draw(run: dict[str, list[dict]], title: str, output: Path) -> None:
         twin.legend(loc="lower right", fontsize=8)
 
     top = axes["available"]
-    for i, plan in enumerate(plans):
+    for plan in plans:
         for a in axes.values():
             a.axvline(plan["step"], color="black", linestyle="--", linewidth=0.8, alpha=0.6)
-        # Above the top panel, out of the data's way; two rows so that labels of nearby changes do not collide.
-        top.annotate(short_label(plan.get("reason", "")), xy=(plan["step"], 1.0), xycoords=("data", "axes fraction"),
-                     xytext=(0, 4 + 12 * (i % 2)), textcoords="offset points", fontsize=8, ha="center", va="bottom",
+    steps = [s["step"] for s in samples] + [p["step"] for p in plans]
+    for i, (first, last, text) in enumerate(label_groups(plans, max(steps) - min(steps))):
+        # Above the top panel, out of the data's way; three rows so that labels of nearby groups do not collide.
+        top.annotate(text, xy=((first + last) / 2, 1.0), xycoords=("data", "axes fraction"),
+                     xytext=(0, 4 + 11 * (i % 3)), textcoords="offset points", fontsize=8, ha="center", va="bottom",
                      arrowprops={"arrowstyle": "-", "color": "gray", "linewidth": 0.6})
     for a in axes.values():
         a.set_ylim(0, a.get_ylim()[1] * 1.12)  # room above the highest line for the legend and labels
@@ -178,13 +194,3 @@ def summary(run: dict[str, list[dict]]) -> str:
                 lines.append(f"  {pool}: {now:.2f} GB now ({parts}), peak {peak:.2f} GB")
         lines += [f"  tip: {tip}" for tip in last.get("tips", [])]
     return "\n".join(lines)
-
-
-def run(args, cfg=None) -> int:
-    run_dir = Path(args.run_dir)
-    data = load_run(run_dir)
-    output = Path(args.output) if args.output else run_dir / "memory_report.png"
-    draw(data, f"memory of {run_dir}", output)
-    print(summary(data))
-    print(f"plot: {output}")
-    return 0

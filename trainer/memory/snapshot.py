@@ -21,8 +21,10 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
+from lowmem_train.trainer.compat import zero3_local_shard
 from lowmem_train.trainer.memory.footprint import RANK_BASELINE
-from lowmem_train.trainer.memory.probe import GB, MemoryProbe, MemorySample, read_fields
+from lowmem_train.trainer.memory.probe import MemoryProbe, process_pss
+from lowmem_train.trainer.memory.units import GB, MemorySample
 
 PARTS = ("weights", "gradients", "optimizer state")
 REST = "activations/other"
@@ -118,8 +120,8 @@ def _optimizer_chain(optimizer) -> list:
 def tally_parts(model: torch.nn.Module, optimizer) -> StorageTally:
     tally = StorageTally()
     params = list(model.parameters())
-    # ZeRO-3 leaves an empty placeholder in .data and keeps this rank's shard in ds_tensor.
-    tally.add("weights", [getattr(p, "ds_tensor", None) for p in params] + params)
+    # ZeRO-3 leaves an empty placeholder in .data and keeps this rank's shard elsewhere.
+    tally.add("weights", [zero3_local_shard(p) for p in params] + params)
     tally.add("gradients", [p.grad for p in params])
     chain = _optimizer_chain(optimizer)
     for opt in chain:  # fp32 master copies' .grad (ZeRO offload) and gradient buffers named as such
@@ -136,10 +138,6 @@ def tally_parts(model: torch.nn.Module, optimizer) -> StorageTally:
         attrs = vars(opt) if hasattr(opt, "__dict__") else {}
         tally.add("optimizer state", (t for v in attrs.values() for t in _tensors(v)))
     return tally
-
-
-def _own_pss() -> int:
-    return read_fields("/proc/self/smaps_rollup", (b"Pss:",), scale=1024).get(b"Pss:", 0)
 
 
 def _pool(name: str, total: int, peak: int, measured: dict[str, int], grad_full: int) -> Pool:
@@ -164,7 +162,7 @@ def memory_snapshot(model: torch.nn.Module, optimizer, backend=None, probe: Memo
                         if p.requires_grad and (p.device.type == "cuda") == (w == "gpu")) for w in ("host", "gpu")}
     probe = probe or MemoryProbe()
     now = probe.sample(step)
-    workers = max(0, now.tree_pss - _own_pss()) if now.tree_processes > 1 else 0
+    workers = max(0, now.tree_pss - process_pss()) if now.tree_processes > 1 else 0
     host_measured = {part: tally.get("host", part) for part in PARTS} | {WORKERS: workers}
     host_peak = max([now.tree_pss] + [s.tree_pss for s in samples])
     grad_host = grad_full["host"] if not tally.get("host", "gradients") else 0

@@ -8,6 +8,7 @@ import argparse
 import torch
 
 from lowmem_train.config.loader import build_config
+from lowmem_train.model import families
 from lowmem_train.model.build import build_model
 from lowmem_train.model.tokenizer import load_tokenizer
 from lowmem_train.trainer.backend import make_backend, make_optimizer
@@ -36,13 +37,14 @@ def main() -> None:
     backend = make_backend(cfg, args.micro, args.accum)
     tokenizer = load_tokenizer(args.tokenizer_dir)
     model = build_model(cfg, tokenizer)
-    model, optimizer = backend.accelerator.prepare(model, make_optimizer(backend, model, cfg))
+    model, optimizer = backend.prepare(model, make_optimizer(backend, model, cfg))
     index = ParquetIndex.build(cfg.train_file, ("prompt", "response"))
     data = LowMemDataset(index, Encoder(tokenizer, cfg.model.type, cfg.max_seq_len), tokenizer.pad_token_id,
                          global_batch=args.micro * args.accum * backend.world_size, rank=backend.rank,
                          world_size=backend.world_size, seed=cfg.seed, shuffle_buffer=256)
     batch = next(iter(data))
-    result = train_step(backend, model, optimizer, batch, args.accum, lr=1e-2, max_grad_norm=0.0)
+    result = train_step(backend, model, optimizer, families.get(cfg.model.type), batch, args.micro, args.accum, lr=1e-2,
+                        max_grad_norm=0.0)
     state = backend.accelerator.get_state_dict(model)
     if backend.is_main:
         torch.save({"weights": {k: v.float().cpu() for k, v in state.items()}, "loss": result.loss,

@@ -33,9 +33,11 @@ class RecordingTrainer(trainer_module.Trainer):
 
         trainer_module.train_step = recording_step
 
-    def one_step(self, batch: dict) -> None:
-        self.record["steps"].append((self.state.epoch, int(batch["step"]), batch["positions"].tolist()))
+    def one_step(self, batch: dict | None) -> None:
+        epoch, step = self.state.position.epoch, self.state.step
         super().one_step(batch)
+        if self.state.step > step:  # a step that was redone (its loader failed) is recorded once, when it is done
+            self.record["steps"].append((epoch, int(batch["step"]), batch["positions"].tolist()))
 
 
 def main() -> int:
@@ -49,9 +51,9 @@ def main() -> int:
         net = trainer.backend.accelerator.unwrap_model(trainer.model)
         trainer.record["weights"] = {k: v.detach().float().cpu().clone() for k, v in net.state_dict().items()}
     trainer.record["plan"] = trainer.guard.plan.state_dict()
-    trainer.record["exit_code"] = result.exit_code
+    trainer.record["outcome"] = result.outcome
     torch.save(trainer.record, Path(cfg.output_dir) / f"record_rank{trainer.backend.rank}.pt")
-    return result.exit_code
+    return 0 if result.outcome in ("finished", "stopped") else 3
 
 
 if __name__ == "__main__":

