@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+import time
 
 from lowmem_train.config.cli import OneLineParser, add_run_config_options, parse_run_config
 from lowmem_train.config.errors import ConfigError
@@ -77,7 +78,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return dispatch(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:  # user mistakes (config, data, launch)
-        say_error(str(exc))
+        if not is_main_process():
+            # A launcher stops every rank as soon as one fails: let rank 0 say it first (when it fails alike, the
+            # launcher ends this rank before it repeats the line), yet never lose a mistake only this rank saw.
+            time.sleep(3)
+        say_error(str(exc), every_rank=True)
         return EXIT_USER_ERROR
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 HELP = "train a model (resume with --is_keep_training=True, or auto)"
 USES_RUN_CONFIG = True
-EXIT_CODES = {"finished": 0, "stopped": 0, "out_of_memory": 3, "out_of_disk": 4, "lost_peer": 5, "oom_in_backward": 6}
+EXIT_CODES = {"finished": 0, "stopped": 0, "user_error": 2, "out_of_memory": 3, "out_of_disk": 4, "lost_peer": 5, "oom_in_backward": 6}
 STATUS_FILE = "exit_status.json"
 
 
@@ -51,7 +51,7 @@ def run(args, cfg) -> int:
     if not torch.cuda.is_available():  # say so up front, or DeepSpeed warns that it "was unable to detect" a GPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     from lowmem_train.commands.main import is_main_process, say_error
-    from lowmem_train.config.errors import first_line
+    from lowmem_train.config.errors import ConfigError, first_line
     from lowmem_train.trainer.checkpoint import OutOfDisk
     from lowmem_train.trainer.distributed import is_lost_peer_error
     from lowmem_train.trainer.trainer import Trainer
@@ -61,8 +61,12 @@ def run(args, cfg) -> int:
     def peer_lost(message: str, announced: str | None) -> None:
         """Another rank is gone and this one may be stuck in a collective: say so, record it, leave now."""
         outcome = announced if announced in EXIT_CODES else "lost_peer"
-        say_error(f"{message}; restart with --is_keep_training=auto to resume from the last complete checkpoint",
-                  every_rank=True)
+        if outcome == "user_error":  # its own message says what to fix
+            say_error("another rank stopped on a user error (its message is above or in its log); fix it and start "
+                      "again", every_rank=True)
+        else:
+            say_error(f"{message}; restart with --is_keep_training=auto to resume from the last complete checkpoint",
+                      every_rank=True)
         code = write_status(out, outcome, message)
         logging.shutdown()
         os._exit(code)
@@ -70,6 +74,9 @@ def run(args, cfg) -> int:
     trainer = Trainer(cfg, on_peer_lost=peer_lost)
     try:
         result = trainer.fit()
+    except ConfigError as exc:  # commands/main.py prints it; the launcher reports any failure as 1, this says 2
+        write_status(out, "user_error", str(exc))
+        raise
     except OutOfDisk as exc:
         say_error(str(exc))
         return write_status(out, "out_of_disk", str(exc))

@@ -18,9 +18,13 @@
 #                   `scontrol show hostnames` when available, else MASTER_ADDR, else parsed)
 #   Kubernetes PyTorchJob, one process per pod: MASTER_ADDR, MASTER_PORT (23456), WORLD_SIZE = number of
 #                   nodes, RANK = node rank (PET_NNODES / PET_NODE_RANK win when the operator sets them)
+#   Recipes: docker/slurm.sbatch (a Slurm batch job) and docker/kubernetes.md (a PyTorchJob).
 #
-# Exit codes pass through from the trainer: 0 finished or stopped-and-saved, 2 user error, 3 out of memory
-# (others: 128+N killed by signal N, e.g. 137 for SIGKILL).
+# Exit codes pass through from the trainer (commands/train.py): 0 finished or stopped-and-saved, 1 crash, 2 user
+# error, 3 out of memory (retries used up), 4 out of disk, 5 lost another rank, 6 out of memory in backward;
+# 128+N killed by signal N (137: SIGKILL). When this node's processes disagree, the node exits with the code
+# nearest the cause: 6, then 3 (memory), 4, 2, then any other failure (the first seen), and 5 last: a lost peer
+# is what the surviving ranks say when another one dies.
 #
 # Stopping (docker stop, Kubernetes, Slurm's --signal): SIGTERM or SIGINT to this script is forwarded to the
 # training processes themselves, never to the launcher. Every rank finishes its step, saves a checkpoint and
@@ -240,6 +244,19 @@ target=$!
 code=0
 wait_for "$target" || code=$?
 
+# weight CODE: how near a worker's exit code is to the cause of the run's end (the top of this file).
+weight() {
+    case $1 in
+        0) echo 0 ;;
+        5) echo 1 ;;   # lost peer: a consequence of another rank's end
+        6) echo 6 ;;   # out of memory in backward (the smaller plan waits in output_dir for the restart)
+        3) echo 5 ;;   # out of memory, retries used up
+        4) echo 4 ;;   # out of disk
+        2) echo 3 ;;   # user error
+        *) echo 2 ;;   # crash (1) or killed by a signal (128+N)
+    esac
+}
+
 # The launcher reports any worker failure as 1: prefer what the workers themselves said.
 reported=0
 worst=""
@@ -247,12 +264,10 @@ for file in "$LOWMEM_STATUS_DIR"/rank-*; do
     [ -f "$file" ] || continue
     reported=$((reported + 1))
     read -r rank_code <"$file" || rank_code=1
-    case $rank_code in
-        0) ;;
-        3) worst=3 ;;                                     # out of memory wins: a smaller plan may fit
-        2) [ "$worst" = 3 ] || worst=2 ;;                 # then a user error
-        *) [ -n "$worst" ] || worst=$rank_code ;;         # then the first other failure
-    esac
+    [ "$rank_code" != 0 ] || continue
+    if [ -z "$worst" ] || [ "$(weight "$rank_code")" -gt "$(weight "$worst")" ]; then
+        worst=$rank_code
+    fi
 done
 rm -rf "$LOWMEM_STATUS_DIR"
 if [ -n "$worst" ]; then

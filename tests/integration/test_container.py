@@ -298,12 +298,17 @@ def test_entrypoint_takes_nodes_from_a_pytorchjob_and_hides_its_node_level_varia
     assert not [line for line in launcher_env if line.startswith(("RANK=", "WORLD_SIZE=", "MASTER_ADDR="))]
 
 
-@pytest.mark.parametrize("codes, expected", [({"0": "3", "1": "143"}, 3), ({"0": "0", "1": "2"}, 2),
-                                             ({"0": "137", "1": "0"}, 137), ({"0": "0", "1": "0"}, 0)])
+@pytest.mark.parametrize("codes, expected", [
+    ({"0": "3", "1": "143"}, 3), ({"0": "0", "1": "2"}, 2), ({"0": "137", "1": "0"}, 137), ({"0": "0", "1": "0"}, 0),
+    # the code nearest the cause: 6, 3 (memory), 4, 2, any other failure (the first), and a lost peer (5) last
+    ({"0": "5", "1": "6"}, 6), ({"0": "3", "1": "6"}, 6), ({"0": "4", "1": "3"}, 3), ({"0": "2", "1": "4"}, 4),
+    ({"0": "1", "1": "2"}, 2), ({"0": "5", "1": "1"}, 1), ({"0": "1", "1": "137"}, 1), ({"0": "5", "1": "5"}, 5),
+    ({"0": "5", "1": "137", "2": "0"}, 137),
+])
 def test_entrypoint_exits_with_the_workers_code_not_the_launchers_1(stand_ins, codes, expected):
     env, log = stand_ins
     extra = {f"FAKE_EXIT_RANK_{rank}": code for rank, code in codes.items()}
-    result = entrypoint(env, "train", NUM_PROCESSES="2", **extra)
+    result = entrypoint(env, "train", NUM_PROCESSES=str(len(codes)), **extra)
     assert result.returncode == expected, result.stderr
 
 
