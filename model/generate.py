@@ -33,7 +33,9 @@ class Decoding:
         if self.strategy == "greedy":
             return {"do_sample": False, "num_beams": 1}
         if self.strategy == "beam":  # early_stopping=True would end on the first num_beams finished, often short, answers
-            return {"do_sample": False, "num_beams": self.num_beams}
+            # length_penalty 0: rank beams by total log-likelihood (the most likely answer); transformers' default
+            # 1.0 divides by the length, and lets a long, unfinished answer beat a short likely one.
+            return {"do_sample": False, "num_beams": self.num_beams, "length_penalty": 0.0}
         if self.strategy == "top_k":  # top_p=1.0 so that only k limits the choice
             return {"do_sample": True, "top_k": self.top_k, "top_p": 1.0, "temperature": self.temperature}
         return {"do_sample": True, "top_p": self.top_p, "top_k": 0, "temperature": self.temperature}
@@ -71,8 +73,12 @@ def generate_batch(model, tokenizer, family, prompts: list[list[int]], max_new_t
 
     ids, mask = pad_prompts(prompts, tokenizer.pad_token_id, family.padding_side)
     device = next(model.parameters()).device
+    # A causal model's exported generation_config caps the whole row (max_length); asking for max_new_tokens on top
+    # makes transformers warn on every call, so give it the same limit as a length.
+    length = ({"max_new_tokens": max_new_tokens} if model.config.is_encoder_decoder
+              else {"max_length": ids.shape[1] + max_new_tokens})
     with torch.no_grad():
-        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), max_new_tokens=max_new_tokens,
+        out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), **length,
                              pad_token_id=tokenizer.pad_token_id, **options)
     return decode_answers(tokenizer, family, out, ids.shape[1])
 

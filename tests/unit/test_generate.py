@@ -67,7 +67,7 @@ def test_family_follows_the_config():
 def test_each_strategy_passes_only_its_own_options():
     kwargs = lambda **o: command.decoding(options(**o)).generate_kwargs()  # noqa: E731
     assert kwargs() == {"do_sample": False, "num_beams": 1}
-    assert kwargs(strategy="beam", num_beams=3) == {"do_sample": False, "num_beams": 3}
+    assert kwargs(strategy="beam", num_beams=3) == {"do_sample": False, "num_beams": 3, "length_penalty": 0.0}
     assert kwargs(strategy="top_k", top_k=5, temperature=0.7) == {
         "do_sample": True, "top_k": 5, "top_p": 1.0, "temperature": 0.7}
     assert kwargs(strategy="top_p", top_p=0.5) == {

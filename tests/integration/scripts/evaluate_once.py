@@ -1,0 +1,52 @@
+"""Score a model folder on a validation file with the trainer's own Evaluator, on 1 process or under
+`accelerate launch`; every rank writes what it scored and the (summed) result to `--out`.rank<r>.pt.
+
+Used to check that validation covers the whole split, sharded across ranks and summed: the same figures
+whatever the number of processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from lowmem_train.config.loader import build_config
+from lowmem_train.model.generate import load_exported
+from lowmem_train.model.tokenizer import load_tokenizer
+from lowmem_train.trainer.backend import make_backend
+from lowmem_train.trainer.data.encode import Encoder
+from lowmem_train.trainer.data.source import ParquetIndex
+from lowmem_train.trainer.evaluate import Evaluator
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True, help="a model folder (a run's final/)")
+    ap.add_argument("--model_type", default="gpt")
+    ap.add_argument("--validation_file", required=True)
+    ap.add_argument("--tokenizer_dir", required=True)
+    ap.add_argument("--batch_size", type=int, required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    cfg = build_config(None, {"model.type": args.model_type, "tokenizer_dir": args.tokenizer_dir,
+                              "validation_file": args.validation_file, "deepspeed_config": "none"})
+    backend = make_backend(cfg, 1, 1)
+    tokenizer = load_tokenizer(args.tokenizer_dir)
+    model = backend.accelerator.prepare(load_exported(Path(args.model)).model)  # DDP-wrapped on 2 processes
+    index = ParquetIndex.build(cfg.validation_file, (cfg.data.prompt_column, cfg.data.response_column),
+                               "--validation_file", (cfg.data.case_column,))
+    # As Trainer.setup builds it (there with 2 x the micro-batch as batch size).
+    evaluator = Evaluator(backend, index, Encoder(tokenizer, cfg.model.type, cfg.max_seq_len, "truncate"),
+                          args.batch_size, cfg.data.eval_max_samples)
+    rows, real, _ = evaluator.rows_of_this_rank()
+    result = evaluator.run(model)
+    torch.save({"rank": backend.rank, "world_size": backend.world_size, "real_rows": [r[2] for r in rows[:real]],
+                "batches": -(-len(rows) // evaluator.batch_size), "loss": result.loss,
+                "exact_match": result.exact_match, "samples": result.samples, "by_case": result.by_case},
+               f"{args.out}.rank{backend.rank}.pt")
+
+
+if __name__ == "__main__":
+    main()
