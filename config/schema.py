@@ -50,6 +50,8 @@ class DataConfig:
     """Batches each worker prepares ahead (only with num_workers > 0)."""
     shuffle_buffer: int = 8192
     """Rows shuffled together; host memory is bounded by this, not by the file size."""
+    group_by_length: bool = False
+    """Sort rows by length within each shuffle block and shuffle whole steps: less padding, still exactly-once and resumable."""
     remainder: Literal["drop", "pad"] = "drop"
     """Last partial global batch of an epoch: drop it, or pad it by repeating samples from the epoch's start."""
     overlong: Literal["truncate", "skip"] = "truncate"
@@ -75,7 +77,7 @@ class RunConfig:
     """Maximum tokens of a prompt or a response (t5), or of prompt + response (gpt)."""
 
     # ---- optimisation -----------------------------------------------------------------------------------
-    epochs: int = 3
+    epochs: int = 1
     """Passes over the training data."""
     batch_size_per_gpu: int = 128
     """Micro-batch per process at start (the memory guard may change it, keeping the global batch)."""

@@ -72,6 +72,7 @@ class RunLog:
         self.bar: tqdm | None = None
         self.metrics = None
         self.tb = None
+        self._samples, self.run_samples, self.run_seconds = 0, 0, 0.0
         if not enabled:
             return
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -88,6 +89,7 @@ class RunLog:
             return
         self._epoch, self._steps, self._done = f"epoch {epoch + 1}/{epochs}", steps, done
         self._t0, self._samples, self._last_line = time.perf_counter(), 0, time.perf_counter()
+        self._last_step = self._t0
         if to_terminal():
             self.bar = tqdm(total=steps, initial=done, desc=self._epoch, unit="step", dynamic_ncols=True,
                             file=sys.stderr, mininterval=1.0)
@@ -98,7 +100,7 @@ class RunLog:
             return 0.0
         self._samples += samples
         self._done += 1
-        now = time.perf_counter()
+        now = self._last_step = time.perf_counter()
         rate = self._samples / max(now - self._t0, 1e-9)
         gn = "-" if grad_norm is None else f"{grad_norm:.2f}"
         numbers = (f"loss {loss:.4f} ppl {min(2.0 ** 60, 2.718281828 ** min(loss, 40)):.2f} lr {lr:.2e} gnorm {gn} "
@@ -115,9 +117,17 @@ class RunLog:
         return rate
 
     def end_epoch(self) -> None:
+        if self._samples:  # epoch-end evaluation and checkpoint come after the last step: not counted
+            self.run_samples += self._samples
+            self.run_seconds += self._last_step - self._t0
+            self._samples = 0
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def samples_per_s(self) -> float:
+        """Training samples per second over this run's epochs so far (from each epoch's start to its last step)."""
+        return self.run_samples / self.run_seconds if self.run_seconds else 0.0
 
     def write(self, kind: str, step: int, **values: float | int | str | None) -> None:
         """One JSON line `{"kind", "step", ...}` in metrics.jsonl and the numbers in TensorBoard."""

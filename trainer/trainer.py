@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from lowmem_train.config.errors import ConfigError
 from lowmem_train.config.loader import save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
@@ -64,7 +65,12 @@ class Trainer:
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
-        self.setup()
+        try:
+            self.setup()
+        except ConfigError:  # often one rank alone sees it (rank 0 checks the data first): the others hear why
+            if self.peers is not None:
+                self.peers.done("user_error")
+            raise
         cfg, state = self.cfg, self.state
         result = None
         try:
@@ -111,12 +117,15 @@ class Trainer:
         self.stop.heard(result.stop)
         state.step += 1
         state.position.samples_seen += self.global_batch
-        self.stats.add(EncodeStats(*batch["stats"].tolist()))
+        step_stats = EncodeStats(*batch["stats"].tolist())
+        self.stats.add(step_stats)
         rate = self.run_log.step(self.global_batch, result.loss, lr, result.grad_norm)
         if state.step % cfg.logging_steps == 0:
             plan = self.guard.plan
             self.run_log.write("train", state.step, epoch=state.position.epoch, loss=result.loss, lr=lr,
                                grad_norm=result.grad_norm, samples_per_s=rate, tokens=result.tokens,
+                               target_tokens_per_s=round(rate * result.tokens / self.global_batch, 1),
+                               pad_fraction=round(step_stats.pad_fraction, 4),
                                micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
                                data_wait_ms=round(1000 * self.data_wait / cfg.logging_steps, 3))
             self.data_wait = 0.0
@@ -160,9 +169,9 @@ class Trainer:
         final_dir = self.checkpointer.export_final(self.model, self.tokenizer, state.step)
         if self.last_eval is not None:
             cases = self.last_eval.describe_cases()
-            log.info("done: %d steps; validation loss %.4f, exact match %.2f%% on %d held-out samples%s; model in %s",
-                     state.step, self.last_eval.loss, 100 * self.last_eval.exact_match, self.last_eval.samples,
-                     f" ({cases})" if cases else "", final_dir)
+            log.info("done: %d steps (%s samples/s); validation loss %.4f, exact match %.2f%% on %d held-out samples%s; "
+                     "model in %s", state.step, f"{self.run_log.samples_per_s():,.0f}", self.last_eval.loss,
+                     100 * self.last_eval.exact_match, self.last_eval.samples, f" ({cases})" if cases else "", final_dir)
         return FitResult(state.step, self.last_eval, self.stopped_early, final_dir)
 
     # ---- pieces of the loop ----------------------------------------------------------------------------------
@@ -235,6 +244,10 @@ class Trainer:
     def log_data_stats(self) -> None:
         s = self.stats.as_dict()
         dropped = self.dataset.dropped_per_epoch()
+        log.info("epoch %d data: %.1f%% of the token positions computed on were padding (this rank)%s",
+                 self.state.position.epoch + 1, 100 * self.stats.pad_fraction,
+                 "; --data.group_by_length=True groups rows of similar length"
+                 if self.stats.pad_fraction > 0.25 and not self.cfg.data.group_by_length else "")
         if any(s[k] for k in ("skipped_null", "skipped_overlong", "truncated")) or dropped:
             log.info("epoch %d data: %d rows, %d null skipped, %d too long %s, %d rows %s to fill the last step",
                      self.state.position.epoch + 1, s["rows"], s["skipped_null"], s["skipped_overlong"] + s["truncated"],
@@ -280,7 +293,8 @@ class Trainer:
         self.guard.attach(self.backend, self.model, self.out)
         encoder = Encoder(self.tokenizer, cfg.model.type, cfg.max_seq_len, cfg.data.overlong)
         self.dataset = LowMemDataset(self.train_index, encoder, self.tokenizer.pad_token_id, self.global_batch,
-                                     self.backend.rank, world, cfg.seed, cfg.data.shuffle_buffer, cfg.data.remainder)
+                                     self.backend.rank, world, cfg.seed, cfg.data.shuffle_buffer, cfg.data.remainder,
+                                     cfg.data.group_by_length)
         self.evaluator = None
         if data.validation_index is not None:
             self.evaluator = Evaluator(self.backend, data.validation_index, Encoder(self.tokenizer, cfg.model.type,
@@ -312,6 +326,10 @@ class Trainer:
             log.warning("global batch %d -> %d: data position %d rounded down to %d (%d samples seen twice)",
                         state.global_batch, self.global_batch, seen, rounded, seen - rounded)
             state.position.samples_seen = rounded
+            if self.cfg.data.group_by_length and rounded:  # the grouped order is cut by the global batch
+                log.warning("--data.group_by_length: the rest of epoch %d is grouped for the new batch, so some of its "
+                            "samples are seen twice and others not at all; exactly once again from the next epoch",
+                            state.position.epoch + 1)
         state.world_size, state.global_batch = self.backend.world_size, self.global_batch
         self.state = state
         self.stopped_early = bool(self.cfg.patience and state.bad_evals >= self.cfg.patience)

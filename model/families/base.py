@@ -106,6 +106,11 @@ class ModelFamily:
     def collate_extra(self, batch: dict[str, torch.Tensor], pad_id: int) -> None:
         """Tensors besides input_ids / attention_mask / labels that a batch needs (added in place)."""
 
+    def padding(self, batch: dict[str, torch.Tensor]) -> tuple[int, int]:
+        """(cells, pad cells) of the token grids the model computes on: the cost of padding, for the log."""
+        mask = batch["attention_mask"]
+        return mask.numel(), int((mask == 0).sum())
+
     def trim(self, piece: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Drop padding columns no row of this micro-batch uses (batches are padded to the step's longest row)."""
         width = int(piece["attention_mask"].sum(1).max())

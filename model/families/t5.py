@@ -62,6 +62,11 @@ class T5Family(ModelFamily):
         shifted[:, 0] = pad_id
         batch["decoder_input_ids"] = shifted.masked_fill(shifted == IGNORE_INDEX, pad_id)
 
+    def padding(self, batch):
+        cells, pad = super().padding(batch)  # the encoder's grid, plus the decoder's (as wide as the labels)
+        labels = batch["labels"]
+        return cells + labels.numel(), pad + int((labels == IGNORE_INDEX).sum())
+
     def trim(self, piece):
         width = int(piece["attention_mask"].sum(1).max())
         target = int((piece["labels"] != IGNORE_INDEX).sum(1).max().clamp(min=1))  # labels have their own length

@@ -24,25 +24,19 @@ def run_sampled(args: list[str]) -> list[tuple[float, int]]:
     return run.samples
 
 
-def test_budget_below_the_unconstrained_peak_holds_after_the_first_adjustment(tiny_task, tmp_path):
+def test_a_budget_below_the_unconstrained_peak_holds_for_the_whole_run_with_default_settings(tiny_task, tmp_path):
+    """Every guard setting at its default (probe_every 10, thresholds relative to the job's limit): the starting
+    plan fits the budget by the estimate and sampling tightens near the limit, so the peak of the whole run,
+    measured from outside from the first moment, stays under the budget."""
     common = [*TINY_MODEL, "--epochs=2", "--batch_size_per_gpu=32", "--save_steps=100000",
               "--data.eval_max_samples=8", "--validation_file="]
     peak = max(p for _, p in run_sampled([*task_options(tiny_task, tmp_path / "p"), *common, "--data.num_workers=2"]))
     lean = max(p for _, p in run_sampled([*task_options(tiny_task, tmp_path / "l"), *common, "--data.num_workers=0"]))
     assert peak > lean * 1.1, (peak, lean)  # two workers cost something measurable
-    spread = (peak - lean) / GB
-    budget = lean / GB + spread / 2  # below the unconstrained peak, above the leanest plan's footprint
+    budget = (lean + (peak - lean) / 2) / GB  # below the unconstrained peak, above the leanest plan's footprint
     out = tmp_path / "budget"
     samples = run_sampled([*task_options(tiny_task, out), *common, "--data.num_workers=2", "--force",
-                           f"--memory.host_budget_gb={budget:.4f}", "--memory.probe_every=1",
-                           # thresholds on the scale of this small budget: with any worker left, below the floor
-                           f"--memory.host_emergency_gb={spread / 4:.4f}", f"--memory.host_low_gb={spread * 0.3:.4f}",
-                           f"--memory.host_headroom_gb={spread * 0.6:.4f}"])
+                           f"--memory.host_budget_gb={budget:.4f}"])
     plans = [r for r in map(json.loads, (out / "memory.jsonl").read_text().splitlines()) if r["kind"] == "plan"]
-    assert plans, "the guard never adjusted the plan"
-    assert plans[-1]["plan"]["num_workers"] == 0
-    first = plans[0]["time"]
-    grace = 2.0  # workers of the old loader exit once its iterator is dropped
-    after = [p for t, p in samples if t > first + grace]
-    assert after, "the run ended right after the adjustment: nothing to check"
-    assert max(after) <= budget * GB, (max(after) / GB, budget, peak / GB, lean / GB)
+    assert plans and plans[0]["plan"]["num_workers"] < 2, "the guard never shed a worker"
+    assert max(p for _, p in samples) <= budget * GB, (max(p for _, p in samples) / GB, budget, peak / GB, lean / GB)

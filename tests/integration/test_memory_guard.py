@@ -80,7 +80,7 @@ def test_injected_host_pressure_on_one_rank_both_ranks_switch_at_the_epoch_bound
     steps_per_epoch = 4096 // 64
     plans = journal(tmp_path / "pressure", "plan")
     assert plans and plans[0]["when"] == "for the next epoch" and plans[0]["step"] == steps_per_epoch
-    assert plans[0]["plan"]["num_workers"] == 1 and "job available 1.0 GB" in plans[0]["reason"]
+    assert plans[0]["plan"]["num_workers"] == 1 and "job available 1.00 GB at peak" in plans[0]["reason"]
     assert pressured[0]["plan"] == pressured[1]["plan"]  # the same plan on both ranks
     assert pressured[0]["plan"]["micro_batch"] * pressured[0]["plan"]["grad_accum"] * 2 == 64  # global batch kept
     assert not (tmp_path / "calm" / "memory.jsonl").read_text().count('"kind": "plan"')

@@ -51,25 +51,27 @@ def write_files(root: Path, files: list[list[int]]) -> str:
     return str(root)
 
 
-def reference_order(index: ParquetIndex, seed: int, epoch: int, buffer: int) -> list[int]:
+def reference_order(index: ParquetIndex, seed: int, epoch: int, buffer: int, group_steps: int = 0) -> list[int]:
     """Row ids in epoch order, from the block plan alone (all rows in memory: tests only)."""
     ids, offset = {}, 0
     for u, unit in enumerate(index.units):
         ids[u] = list(range(offset, offset + unit.num_rows))
         offset += unit.num_rows
-    order = EpochOrder(index, seed, epoch, buffer)
+    order = EpochOrder(index, seed, epoch, buffer, group_steps)
     out = []
     for b, (unit, start, rows) in enumerate(order.blocks):
         block = ids[unit][start:start + rows]
-        out.extend(block[i] for i in order.permutation(b))
+        texts = [str(i) for i in block]  # the rows write_files wrote: prompt = response = the id
+        out.extend(block[i] for i in order.permutation(b, pa.table({"prompt": texts, "response": texts})))
     return out
 
 
-def run_epoch(index, global_batch, world, workers, seed=0, buffer=16, remainder="drop", state=None, epoch=0):
+def run_epoch(index, global_batch, world, workers, seed=0, buffer=16, remainder="drop", state=None, epoch=0,
+              group=False):
     """All batches of all ranks, each rank's workers interleaved as the DataLoader's round robin does."""
     out = []
     for rank in range(world):
-        ds = LowMemDataset(index, IdEncoder(), 0, global_batch, rank, world, seed, buffer, remainder)
+        ds = LowMemDataset(index, IdEncoder(), 0, global_batch, rank, world, seed, buffer, remainder, group)
         ds.load_state_dict(state or {"epoch": epoch, "samples_seen": 0})
         streams = [ds.iter_steps(w, max(workers, 1)) for w in range(max(workers, 1))]
         while streams:
@@ -106,14 +108,15 @@ HYPO = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @HYPO
 @given(files=data_sets(), world=st.integers(1, 4), per_rank=st.integers(1, 6), workers=st.integers(0, 3),
-       buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]), seed=st.integers(0, 2**16))
-def test_every_sample_of_an_epoch_is_seen_exactly_once(files, world, per_rank, workers, buffer, remainder, seed):
+       buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]), seed=st.integers(0, 2**16),
+       group=st.booleans())
+def test_every_sample_of_an_epoch_is_seen_exactly_once(files, world, per_rank, workers, buffer, remainder, seed, group):
     with tempfile.TemporaryDirectory() as tmp:
         index = ParquetIndex.build(write_files(Path(tmp), files), ("prompt", "response"))
         g, n = world * per_rank, index.num_rows
-        order = reference_order(index, seed, 0, buffer)
+        order = reference_order(index, seed, 0, buffer, g if group else 0)
         assert sorted(order) == list(range(n))  # the plan is a permutation of all rows
-        batches = run_epoch(index, g, world, workers, seed, buffer, remainder)
+        batches = run_epoch(index, g, world, workers, seed, buffer, remainder, group=group)
         ds = LowMemDataset(index, IdEncoder(), 0, g, 0, world, seed, buffer, remainder)
         steps = ds.steps_per_epoch()
         # every rank makes the same number of steps, steps arrive in order, each row is the order's row
@@ -148,22 +151,26 @@ def test_order_depends_on_seed_and_epoch_only(files, seed, buffer):
 @HYPO
 @given(files=data_sets(), before=st.tuples(st.integers(1, 4), st.integers(0, 3)),
        after=st.tuples(st.integers(1, 4), st.integers(0, 3)), per_rank=st.integers(1, 4),
-       batch_change=st.booleans(), cut=st.floats(0, 1), buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]))
+       batch_change=st.booleans(), cut=st.floats(0, 1), buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]),
+       group=st.booleans())
 def test_resume_continues_with_exactly_the_unseen_samples(files, before, after, per_rank, batch_change, cut, buffer,
-                                                         remainder):
+                                                         remainder, group):
     """Save at any step under one (world, workers), resume under another; the micro-batch is the trainer's
-    business (each item is a whole rank-step), a different global batch rounds the position down."""
+    business (each item is a whole rank-step), a different global batch rounds the position down (grouping by
+    length cuts its order by the global batch: a change of batch keeps exactly-once only from the next epoch)."""
+    batch_change = batch_change and not group
     (world_a, workers_a), (world_b, workers_b) = before, after
     g_a = math.lcm(world_a, world_b) * per_rank  # divisible by both world sizes
     g_b = g_a * 2 if batch_change else g_a
     with tempfile.TemporaryDirectory() as tmp:
         index = ParquetIndex.build(write_files(Path(tmp), files), ("prompt", "response"))
-        full_a = run_epoch(index, g_a, world_a, workers_a, 5, buffer, remainder)
+        full_a = run_epoch(index, g_a, world_a, workers_a, 5, buffer, remainder, group=group)
         steps_a = max(int(b["step"]) for _, b in full_a) + 1 if full_a else 0
         saved = int(cut * steps_a) * g_a  # samples_seen at the checkpoint
         seen = [p for _, b in full_a if int(b["step"]) * g_a < saved for p in b["positions"].tolist()]
         resumed_at = saved // g_b * g_b  # what the trainer does when the global batch changed
-        rest = run_epoch(index, g_b, world_b, workers_b, 5, buffer, remainder, {"epoch": 0, "samples_seen": resumed_at})
+        rest = run_epoch(index, g_b, world_b, workers_b, 5, buffer, remainder, {"epoch": 0, "samples_seen": resumed_at},
+                         group=group)
         later = [p for _, b in rest for p in b["positions"].tolist()]
         steps_b = LowMemDataset(index, IdEncoder(), 0, g_b, 0, world_b, 5, buffer, remainder).steps_per_epoch()
         assert all(int(b["step"]) * g_b >= resumed_at for _, b in rest)
@@ -172,6 +179,25 @@ def test_resume_continues_with_exactly_the_unseen_samples(files, before, after, 
         assert sorted(later) == sorted(expected_after)
         if not batch_change:  # together: the epoch, each position once (padding's repeats included)
             assert sorted(seen + later) == sorted(p % n for p in range(steps_b * g_b))
+
+
+def test_grouping_by_length_cuts_padding_and_keeps_steps_in_random_order(tmp_path):
+    """Row lengths vary (ids of 1 to 4 digits): grouped steps are (nearly) uniform in length, the steps of a block
+    still come in a random order (not short to long), and the same seed gives the same order."""
+    index = ParquetIndex.build(write_files(tmp_path, [[2000]]), ("prompt", "response"))
+
+    def widths(group):
+        batches = [b for _, b in run_epoch(index, 16, 1, 0, seed=3, buffer=2048, group=group)]
+        digits = [[len(str(int(i))) for i in b["input_ids"][:, 0]] for b in batches]
+        return [max(d) - min(d) for d in digits], [sum(d) / len(d) for d in digits]
+
+    spread_plain, _ = widths(False)
+    spread_grouped, means = widths(True)
+    assert sum(s > 0 for s in spread_plain) > len(spread_plain) // 2  # most plain steps mix lengths
+    assert sum(s > 0 for s in spread_grouped) <= len(spread_grouped) // 10  # grouped: one length per step, nearly
+    rises = sum(b > a for a, b in zip(means, means[1:]))
+    assert 0.2 < rises / (len(means) - 1) < 0.8  # not sorted short to long across steps
+    assert widths(True)[1] == means
 
 
 def test_real_dataloader_workers_match_the_simulated_round_robin(tmp_path):
@@ -194,10 +220,10 @@ def test_nothing_is_opened_or_cached_before_iteration(tmp_path, monkeypatch):
     ds.load_state_dict({"epoch": 1, "samples_seen": 40})
     ds.steps_per_epoch(), ds.dropped_per_epoch(), ds.first_step()
     assert opened == [] and set(vars(ds)) == {"index", "encoder", "pad_id", "global_batch", "rank", "world_size",
-                                              "seed", "shuffle_buffer", "remainder", "position"}
+                                              "seed", "shuffle_buffer", "remainder", "group_by_length", "position"}
     next(iter(ds))
     assert opened and set(vars(ds)) == {"index", "encoder", "pad_id", "global_batch", "rank", "world_size",
-                                        "seed", "shuffle_buffer", "remainder", "position"}
+                                        "seed", "shuffle_buffer", "remainder", "group_by_length", "position"}
 
 
 def test_resume_decodes_at_most_one_row_group_not_the_epoch(tmp_path, monkeypatch):
