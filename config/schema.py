@@ -51,7 +51,7 @@ class DataConfig:
     shuffle_buffer: int = 8192
     """Rows shuffled together; host memory is bounded by this, not by the file size."""
     group_by_length: bool = False
-    """Sort rows by length within each shuffle block and shuffle whole steps: less padding, still exactly-once and resumable."""
+    """Sort each step's rows by length: micro-batches of similar rows, less padding, the same update (helps when grad_accum > 1)."""
     remainder: Literal["drop", "pad"] = "drop"
     """Last partial global batch of an epoch: drop it, or pad it by repeating samples from the epoch's start."""
     overlong: Literal["truncate", "skip"] = "truncate"

@@ -32,6 +32,8 @@ class StepResult:
     grad_norm: float | None
     lr: float
     stop: bool = False  # some rank was asked to stop (a signal): every rank stops after this step
+    cells: int = 0  # token positions this rank's micro-batches computed on (each trimmed to its longest row)
+    pad_cells: int = 0  # of which padding
 
 
 def split_micro_batches(batch: dict[str, torch.Tensor], count: int, family) -> list[dict[str, torch.Tensor]]:
@@ -113,6 +115,7 @@ def train_step(backend: Backend, model, optimizer, family, batch: dict[str, torc
     pending = split_micro_batches(batch, grad_accum, family)
     micro = micro_batch
     local_tokens = float(sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pending))
+    cells, pad_cells = map(sum, zip(*(family.padding(p) for p in pending)))
     tokens = None  # of the global step, once agreed
     set_lr(optimizer, lr)
     loss_sum, stop = 0.0, False
@@ -150,7 +153,8 @@ def train_step(backend: Backend, model, optimizer, family, batch: dict[str, torc
         loss_sum += mine
         pending.pop(0)
     grad_norm = finish_step(backend, model, optimizer, max_grad_norm)
-    return StepResult(loss=agreed.loss / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr, stop=stop)
+    return StepResult(loss=agreed.loss / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr, stop=stop,
+                      cells=cells, pad_cells=pad_cells)
 
 
 def finish_step(backend: Backend, model, optimizer, max_grad_norm: float) -> float | None:

@@ -117,15 +117,16 @@ class Trainer:
         self.stop.heard(result.stop)
         state.step += 1
         state.position.samples_seen += self.global_batch
-        step_stats = EncodeStats(*batch["stats"].tolist())
-        self.stats.add(step_stats)
+        self.stats.add(EncodeStats(*batch["stats"].tolist()))
+        self.cells[0] += result.cells
+        self.cells[1] += result.pad_cells
         rate = self.run_log.step(self.global_batch, result.loss, lr, result.grad_norm)
         if state.step % cfg.logging_steps == 0:
             plan = self.guard.plan
             self.run_log.write("train", state.step, epoch=state.position.epoch, loss=result.loss, lr=lr,
                                grad_norm=result.grad_norm, samples_per_s=rate, tokens=result.tokens,
                                target_tokens_per_s=round(rate * result.tokens / self.global_batch, 1),
-                               pad_fraction=round(step_stats.pad_fraction, 4),
+                               pad_fraction=round(result.pad_cells / max(result.cells, 1), 4),
                                micro_batch=plan.micro_batch, grad_accum=plan.grad_accum,
                                data_wait_ms=round(1000 * self.data_wait / cfg.logging_steps, 3))
             self.data_wait = 0.0
@@ -244,10 +245,14 @@ class Trainer:
     def log_data_stats(self) -> None:
         s = self.stats.as_dict()
         dropped = self.dataset.dropped_per_epoch()
+        cells, pad = self.cells
+        self.cells = [0, 0]
+        share = pad / cells if cells else 0.0
+        hint = (self.cfg.gradient_accumulation_steps > 1 or self.guard.plan.grad_accum > 1) and share > 0.25
         log.info("epoch %d data: %.1f%% of the token positions computed on were padding (this rank)%s",
-                 self.state.position.epoch + 1, 100 * self.stats.pad_fraction,
-                 "; --data.group_by_length=True groups rows of similar length"
-                 if self.stats.pad_fraction > 0.25 and not self.cfg.data.group_by_length else "")
+                 self.state.position.epoch + 1, 100 * share,
+                 "; --data.group_by_length=True makes micro-batches of rows of similar length"
+                 if hint and not self.cfg.data.group_by_length else "")
         if any(s[k] for k in ("skipped_null", "skipped_overlong", "truncated")) or dropped:
             log.info("epoch %d data: %d rows, %d null skipped, %d too long %s, %d rows %s to fill the last step",
                      self.state.position.epoch + 1, s["rows"], s["skipped_null"], s["skipped_overlong"] + s["truncated"],
@@ -304,7 +309,7 @@ class Trainer:
         self.state = TrainState(world_size=world, global_batch=self.global_batch)
         self.last_eval, self.last_eval_step, self.stopped_early = None, -1, False
         self.data_wait = 0.0  # seconds the training thread waited for batches since the last metrics line
-        self.stats = EncodeStats()
+        self.stats, self.cells = EncodeStats(), [0, 0]  # data counts and (cells, pad cells) of this epoch
         if resume is not None:
             self.resume_from(resume)
         self.run_log = RunLog(self.out, self.backend.is_main, cfg.log_every_seconds)
@@ -326,10 +331,6 @@ class Trainer:
             log.warning("global batch %d -> %d: data position %d rounded down to %d (%d samples seen twice)",
                         state.global_batch, self.global_batch, seen, rounded, seen - rounded)
             state.position.samples_seen = rounded
-            if self.cfg.data.group_by_length and rounded:  # the grouped order is cut by the global batch
-                log.warning("--data.group_by_length: the rest of epoch %d is grouped for the new batch, so some of its "
-                            "samples are seen twice and others not at all; exactly once again from the next epoch",
-                            state.position.epoch + 1)
         state.world_size, state.global_batch = self.backend.world_size, self.global_batch
         self.state = state
         self.stopped_early = bool(self.cfg.patience and state.bad_evals >= self.cfg.patience)

@@ -51,27 +51,25 @@ def write_files(root: Path, files: list[list[int]]) -> str:
     return str(root)
 
 
-def reference_order(index: ParquetIndex, seed: int, epoch: int, buffer: int, group_steps: int = 0) -> list[int]:
+def reference_order(index: ParquetIndex, seed: int, epoch: int, buffer: int) -> list[int]:
     """Row ids in epoch order, from the block plan alone (all rows in memory: tests only)."""
     ids, offset = {}, 0
     for u, unit in enumerate(index.units):
         ids[u] = list(range(offset, offset + unit.num_rows))
         offset += unit.num_rows
-    order = EpochOrder(index, seed, epoch, buffer, group_steps)
+    order = EpochOrder(index, seed, epoch, buffer)
     out = []
     for b, (unit, start, rows) in enumerate(order.blocks):
         block = ids[unit][start:start + rows]
-        texts = [str(i) for i in block]  # the rows write_files wrote: prompt = response = the id
-        out.extend(block[i] for i in order.permutation(b, pa.table({"prompt": texts, "response": texts})))
+        out.extend(block[i] for i in order.permutation(b))
     return out
 
 
-def run_epoch(index, global_batch, world, workers, seed=0, buffer=16, remainder="drop", state=None, epoch=0,
-              group=False):
+def run_epoch(index, global_batch, world, workers, seed=0, buffer=16, remainder="drop", state=None, epoch=0):
     """All batches of all ranks, each rank's workers interleaved as the DataLoader's round robin does."""
     out = []
     for rank in range(world):
-        ds = LowMemDataset(index, IdEncoder(), 0, global_batch, rank, world, seed, buffer, remainder, group)
+        ds = LowMemDataset(index, IdEncoder(), 0, global_batch, rank, world, seed, buffer, remainder)
         ds.load_state_dict(state or {"epoch": epoch, "samples_seen": 0})
         streams = [ds.iter_steps(w, max(workers, 1)) for w in range(max(workers, 1))]
         while streams:
@@ -108,15 +106,14 @@ HYPO = settings(max_examples=60, deadline=None, suppress_health_check=[HealthChe
 
 @HYPO
 @given(files=data_sets(), world=st.integers(1, 4), per_rank=st.integers(1, 6), workers=st.integers(0, 3),
-       buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]), seed=st.integers(0, 2**16),
-       group=st.booleans())
-def test_every_sample_of_an_epoch_is_seen_exactly_once(files, world, per_rank, workers, buffer, remainder, seed, group):
+       buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]), seed=st.integers(0, 2**16))
+def test_every_sample_of_an_epoch_is_seen_exactly_once(files, world, per_rank, workers, buffer, remainder, seed):
     with tempfile.TemporaryDirectory() as tmp:
         index = ParquetIndex.build(write_files(Path(tmp), files), ("prompt", "response"))
         g, n = world * per_rank, index.num_rows
-        order = reference_order(index, seed, 0, buffer, g if group else 0)
+        order = reference_order(index, seed, 0, buffer)
         assert sorted(order) == list(range(n))  # the plan is a permutation of all rows
-        batches = run_epoch(index, g, world, workers, seed, buffer, remainder, group=group)
+        batches = run_epoch(index, g, world, workers, seed, buffer, remainder)
         ds = LowMemDataset(index, IdEncoder(), 0, g, 0, world, seed, buffer, remainder)
         steps = ds.steps_per_epoch()
         # every rank makes the same number of steps, steps arrive in order, each row is the order's row
@@ -151,26 +148,22 @@ def test_order_depends_on_seed_and_epoch_only(files, seed, buffer):
 @HYPO
 @given(files=data_sets(), before=st.tuples(st.integers(1, 4), st.integers(0, 3)),
        after=st.tuples(st.integers(1, 4), st.integers(0, 3)), per_rank=st.integers(1, 4),
-       batch_change=st.booleans(), cut=st.floats(0, 1), buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]),
-       group=st.booleans())
+       batch_change=st.booleans(), cut=st.floats(0, 1), buffer=st.integers(1, 64), remainder=st.sampled_from(["drop", "pad"]))
 def test_resume_continues_with_exactly_the_unseen_samples(files, before, after, per_rank, batch_change, cut, buffer,
-                                                         remainder, group):
+                                                         remainder):
     """Save at any step under one (world, workers), resume under another; the micro-batch is the trainer's
-    business (each item is a whole rank-step), a different global batch rounds the position down (grouping by
-    length cuts its order by the global batch: a change of batch keeps exactly-once only from the next epoch)."""
-    batch_change = batch_change and not group
+    business (each item is a whole rank-step), a different global batch rounds the position down."""
     (world_a, workers_a), (world_b, workers_b) = before, after
     g_a = math.lcm(world_a, world_b) * per_rank  # divisible by both world sizes
     g_b = g_a * 2 if batch_change else g_a
     with tempfile.TemporaryDirectory() as tmp:
         index = ParquetIndex.build(write_files(Path(tmp), files), ("prompt", "response"))
-        full_a = run_epoch(index, g_a, world_a, workers_a, 5, buffer, remainder, group=group)
+        full_a = run_epoch(index, g_a, world_a, workers_a, 5, buffer, remainder)
         steps_a = max(int(b["step"]) for _, b in full_a) + 1 if full_a else 0
         saved = int(cut * steps_a) * g_a  # samples_seen at the checkpoint
         seen = [p for _, b in full_a if int(b["step"]) * g_a < saved for p in b["positions"].tolist()]
         resumed_at = saved // g_b * g_b  # what the trainer does when the global batch changed
-        rest = run_epoch(index, g_b, world_b, workers_b, 5, buffer, remainder, {"epoch": 0, "samples_seen": resumed_at},
-                         group=group)
+        rest = run_epoch(index, g_b, world_b, workers_b, 5, buffer, remainder, {"epoch": 0, "samples_seen": resumed_at})
         later = [p for _, b in rest for p in b["positions"].tolist()]
         steps_b = LowMemDataset(index, IdEncoder(), 0, g_b, 0, world_b, 5, buffer, remainder).steps_per_epoch()
         assert all(int(b["step"]) * g_b >= resumed_at for _, b in rest)
@@ -181,23 +174,29 @@ def test_resume_continues_with_exactly_the_unseen_samples(files, before, after, 
             assert sorted(seen + later) == sorted(p % n for p in range(steps_b * g_b))
 
 
-def test_grouping_by_length_cuts_padding_and_keeps_steps_in_random_order(tmp_path):
-    """Row lengths vary (ids of 1 to 4 digits): grouped steps are (nearly) uniform in length, the steps of a block
-    still come in a random order (not short to long), and the same seed gives the same order."""
-    index = ParquetIndex.build(write_files(tmp_path, [[2000]]), ("prompt", "response"))
+class DigitsEncoder(IdEncoder):
+    """Row "17" -> input_ids [17, 1]: as many tokens as digits, the first one the row's id."""
 
-    def widths(group):
-        batches = [b for _, b in run_epoch(index, 16, 1, 0, seed=3, buffer=2048, group=group)]
-        digits = [[len(str(int(i))) for i in b["input_ids"][:, 0]] for b in batches]
-        return [max(d) - min(d) for d in digits], [sum(d) / len(d) for d in digits]
+    def encode(self, rows):
+        return [([int(r[0])] + [1] * (len(r[0]) - 1),) * 2 for r in rows]
 
-    spread_plain, _ = widths(False)
-    spread_grouped, means = widths(True)
-    assert sum(s > 0 for s in spread_plain) > len(spread_plain) // 2  # most plain steps mix lengths
-    assert sum(s > 0 for s in spread_grouped) <= len(spread_grouped) // 10  # grouped: one length per step, nearly
-    rises = sum(b > a for a, b in zip(means, means[1:]))
-    assert 0.2 < rises / (len(means) - 1) < 0.8  # not sorted short to long across steps
-    assert widths(True)[1] == means
+
+def test_grouping_by_length_sorts_each_step_and_changes_nothing_else(tmp_path):
+    """Row lengths vary (ids of 1 to 3 digits): a grouped step holds exactly the rows of the plain step, sorted
+    by length, so micro-batches cut from it are nearly uniform; order, sharding and positions are untouched."""
+    index = ParquetIndex.build(write_files(tmp_path, [[700, 300]]), ("prompt", "response"))
+    unsorted = 0
+    for rank in range(2):
+        plain = LowMemDataset(index, DigitsEncoder(), 0, 32, rank, 2, 3, 256, "drop")
+        grouped = LowMemDataset(index, DigitsEncoder(), 0, 32, rank, 2, 3, 256, "drop", group_by_length=True)
+        for a, b in zip(plain.iter_steps(), grouped.iter_steps(), strict=True):
+            ids_a, ids_b = [int(i) for i in a["input_ids"][:, 0]], [int(i) for i in b["input_ids"][:, 0]]
+            assert sorted(ids_a) == sorted(ids_b) and torch.equal(a["positions"], b["positions"])
+            assert int(a["step"]) == int(b["step"])
+            digits = [len(str(i)) for i in ids_b]
+            assert digits == sorted(digits)
+            unsorted += [len(str(i)) for i in ids_a] != digits
+    assert unsorted > 10  # plain steps mix lengths in random order: the test saw grouping do something
 
 
 def test_real_dataloader_workers_match_the_simulated_round_robin(tmp_path):

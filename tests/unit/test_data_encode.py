@@ -42,11 +42,11 @@ def test_null_and_overlong_rows_are_counted(tok):
     rows = [("1", None), (None, "一"), ("2", "二"), ("3" * 40, "三")]
     skip = Encoder(tok, "t5", 8, "skip")
     assert len(skip.encode(rows)) == 1
-    assert skip.take_stats().as_dict() == {"rows": 4, "skipped_null": 2, "skipped_overlong": 1, "truncated": 0, "cells": 0, "pad_cells": 0}
+    assert skip.take_stats().as_dict() == {"rows": 4, "skipped_null": 2, "skipped_overlong": 1, "truncated": 0}
     truncate = Encoder(tok, "gpt", 8, "truncate")
     pairs = truncate.encode(rows)
     assert len(pairs) == 2 and all(len(ids) <= 8 and len(labels) <= 8 for ids, labels in pairs)
-    assert truncate.take_stats().as_dict() == {"rows": 4, "skipped_null": 2, "skipped_overlong": 0, "truncated": 1, "cells": 0, "pad_cells": 0}
+    assert truncate.take_stats().as_dict() == {"rows": 4, "skipped_null": 2, "skipped_overlong": 0, "truncated": 1}
     assert truncate.take_stats().rows == 0  # taking resets
 
 

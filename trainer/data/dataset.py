@@ -10,10 +10,9 @@ steps k with (k - first) % n == w, in the order the DataLoader's round robin ask
   micro-batch was when it was saved; resuming opens the row group holding position k*G (a metadata lookup)
   and skips at most one row group's rows (decoded by Arrow, not turned into Python), never replays batches;
 * memory is one block of Arrow rows and one record batch per reader, whatever the file or row group size;
-* with `group_by_length`, each block's permutation is then sorted by row length (ties stay in random order)
-  and the whole global steps inside the block are shuffled among themselves: a step holds rows of similar
-  length (less padding), steps still come in random order, and the order is still a function of (seed,
-  epoch, the data) alone, so exactly-once and resume hold unchanged;
+* with `group_by_length`, the rows of a rank-step are sorted by token length before they are padded: the
+  micro-batches the trainer cuts from it then hold rows of similar length and carry little padding, and the
+  optimizer step is the same (its loss is a sum over the step's tokens, in whatever order they come);
 * nothing is read or opened before `__iter__`, i.e. before the DataLoader forks its workers. Each worker
   decodes every block it touches but converts only its own rows (decoding is the cheap part).
 
@@ -30,11 +29,9 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from lowmem_train.model import families
 from lowmem_train.trainer.data.encode import Encoder, collate
 from lowmem_train.trainer.data.source import (DataError, ParquetIndex, batch_rows, locate, open_parquet, read_unit,
                                                release_arrow_memory)
@@ -47,9 +44,8 @@ READ_ROWS = 4096  # rows per record batch read from parquet
 class EpochOrder:
     """The global sample order of one epoch as blocks; position -> (unit, row) without reading any data."""
 
-    def __init__(self, index: ParquetIndex, seed: int, epoch: int, block_rows: int, group_steps: int = 0):
+    def __init__(self, index: ParquetIndex, seed: int, epoch: int, block_rows: int):
         self.index, self.seed, self.epoch = index, seed, epoch
-        self.group_steps = group_steps  # rows per global step when grouping by length, else 0
         unit_order = np.random.default_rng([seed, epoch, 0]).permutation(len(index.units))
         blocks = []  # (unit index, first row in the unit, rows)
         for u in unit_order:
@@ -62,29 +58,8 @@ class EpochOrder:
     def block_of(self, position: int) -> int:
         return locate(self.block_starts, position)
 
-    def permutation(self, block: int, table: pa.Table) -> np.ndarray:
-        """Local row order of a block (its Arrow rows in `table`: only grouping by length looks at them)."""
-        rng = np.random.default_rng([self.seed, self.epoch, 1, block])
-        perm = rng.permutation(self.blocks[block][2])
-        if not self.group_steps:
-            return perm
-        perm = perm[np.argsort(row_lengths(table, self.index)[perm], kind="stable")]
-        g = self.group_steps
-        head = (-self.block_starts[block]) % g  # rows before the block's first step boundary
-        whole = (len(perm) - head) // g
-        steps = perm[head: head + whole * g].reshape(whole, g)
-        perm[head: head + whole * g] = steps[rng.permutation(whole)].reshape(-1)
-        return perm
-
-
-def row_lengths(table: pa.Table, index: ParquetIndex) -> np.ndarray:
-    """Length of each row's prompt + response: characters of text, or token ids of `prepare`d rows."""
-    length = pc.list_value_length if index.kind == "tokens" else pc.utf8_length
-    total = None
-    for column in index.columns[:2]:
-        n = pc.fill_null(length(table.column(column)), 0)
-        total = n if total is None else pc.add(total, n)
-    return total.to_numpy().astype(np.int64)
+    def permutation(self, block: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, self.epoch, 1, block]).permutation(self.blocks[block][2])
 
 
 class BlockReader:
@@ -124,7 +99,7 @@ class BlockReader:
             self._open(unit)
         self._read(start - self.at[1])  # skipped rows are decoded, never converted
         self.table = pa.Table.from_batches(self._read(length)).combine_chunks()  # take() on chunks copies them all
-        self.perm, self.block = self.order.permutation(block, self.table), block
+        self.perm, self.block = self.order.permutation(block), block
 
     def _open(self, unit_idx: int) -> None:
         self.block, self.table, self.stream, self.pending = -1, None, None, None
@@ -209,17 +184,15 @@ class LowMemDataset(IterableDataset):
 
     def iter_steps(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
         """The batches of worker `worker` of `workers`: steps first+worker, first+worker+workers, ..."""
-        order = EpochOrder(self.index, self.seed, self.position.epoch, self.shuffle_buffer,
-                           self.global_batch if self.group_by_length else 0)
-        reader = BlockReader(order)
-        family = families.get(self.encoder.model_type)
+        reader = BlockReader(EpochOrder(self.index, self.seed, self.position.epoch, self.shuffle_buffer))
         for step in range(self.first_step() + worker, self.steps_per_epoch(), workers):
             positions = self.rank_positions(step)
             COLLATE_FAULT.before_collate(step, self.rank)
-            batch = collate(self.encoder.encode(reader.rows(positions)), self.pad_id, self.encoder.model_type)
+            pairs = self.encoder.encode(reader.rows(positions))
+            if self.group_by_length:  # stable: rows of one length keep their shuffled order
+                pairs = sorted(pairs, key=lambda pair: len(pair[0]) + len(pair[1]))
+            batch = collate(pairs, self.pad_id, self.encoder.model_type)
             batch["positions"] = torch.tensor(positions, dtype=torch.long)
             batch["step"], batch["epoch"] = step, self.position.epoch  # ints: each tensor costs a worker IPC
-            stats = self.encoder.take_stats()
-            stats.cells, stats.pad_cells = family.padding(batch)
-            batch["stats"] = torch.tensor(list(stats.as_dict().values()))
+            batch["stats"] = torch.tensor(list(self.encoder.take_stats().as_dict().values()))
             yield batch

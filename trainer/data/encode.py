@@ -27,12 +27,6 @@ class EncodeStats:
     skipped_null: int = 0
     skipped_overlong: int = 0
     truncated: int = 0
-    cells: int = 0  # token positions of the padded batches the model computes on
-    pad_cells: int = 0  # of which padding
-
-    @property
-    def pad_fraction(self) -> float:
-        return self.pad_cells / self.cells if self.cells else 0.0
 
     def add(self, other: "EncodeStats") -> None:
         for f in fields(self):
