@@ -57,6 +57,11 @@ def run(args, cfg) -> int:
     from lowmem_train.trainer.trainer import Trainer
 
     out = Path(cfg.output_dir)
+    # A start refused for a user error leaves a folder that holds a run exactly as it was: no status file there.
+    held_a_run = out.is_dir() and any(out.iterdir())
+
+    def user_error_status(message: str) -> int:
+        return EXIT_CODES["user_error"] if held_a_run else write_status(out, "user_error", message)
 
     def peer_lost(message: str, announced: str | None) -> None:
         """Another rank is gone and this one may be stuck in a collective: say so, record it, leave now."""
@@ -67,7 +72,7 @@ def run(args, cfg) -> int:
         else:
             say_error(f"{message}; restart with --is_keep_training=auto to resume from the last complete checkpoint",
                       every_rank=True)
-        code = write_status(out, outcome, message)
+        code = user_error_status(message) if outcome == "user_error" else write_status(out, outcome, message)
         logging.shutdown()
         os._exit(code)
 
@@ -75,7 +80,7 @@ def run(args, cfg) -> int:
     try:
         result = trainer.fit()
     except ConfigError as exc:  # commands/main.py prints it; the launcher reports any failure as 1, this says 2
-        write_status(out, "user_error", str(exc))
+        user_error_status(str(exc))
         raise
     except OutOfDisk as exc:
         say_error(str(exc))

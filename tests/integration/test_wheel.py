@@ -7,6 +7,7 @@ import os
 import site
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,8 +29,13 @@ def test_the_installed_wheel_trains_from_another_directory(tiny_task, tmp_path, 
 
     # Built from a copy: setuptools writes build/ and *.egg-info next to the sources it builds.
     source = tmp_path / "source"
-    shutil.copytree(REPO, source, ignore=shutil.ignore_patterns(".git", ".venv", "data", "out", "build", "bench",
-                                                                "docker", "__pycache__", "*.egg-info"))
+    top_level = {".git", ".venv", "data", "out", "build", "bench", "docker"}  # not trainer/data: only at the root
+    everywhere = shutil.ignore_patterns("__pycache__", "*.egg-info")
+
+    def ignore(folder, names):
+        return set(everywhere(folder, names)) | (top_level & set(names) if Path(folder) == REPO else set())
+
+    shutil.copytree(REPO, source, ignore=ignore)
     dist = tmp_path / "dist"
     run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", dist, source], tmp_path)
     (wheel,) = dist.glob("lowmem_train-*.whl")

@@ -33,7 +33,7 @@ from lowmem_train.model.build import gradient_checkpointing_active, set_gradient
 from lowmem_train.trainer import distributed
 from lowmem_train.trainer.backend import Backend, set_batch_plan
 from lowmem_train.trainer.faults import HOST_PRESSURE
-from lowmem_train.trainer.memory.plan import Plan, divisors, plan_from_config, shed_loader
+from lowmem_train.trainer.memory.plan import Plan, divisors, grows, plan_from_config, shed_loader
 from lowmem_train.trainer.memory.policy import (Decision, OutOfMemoryGiveUp, PolicyState, Thresholds, decide,
                                                 emergency, on_oom)
 from lowmem_train.trainer.memory.probe import MemoryProbe
@@ -223,10 +223,10 @@ class MemoryGuard:
                            "before training", step)
         decision = decide([self.gather_worst(self.sample(step))], self.plan, self.cfg.memory,
                           self.backend.world_size, self.policy, self.batch_bytes)
-        if decision.changed:
+        # Before training only shrinks, and is not a decision of the run: growing back here would count a resume
+        # as a calm epoch and change the plan an exact resume must continue with.
+        if decision.changed and not grows(self.plan, decision.plan):
             self.adopt(decision, "before training", step)
-        else:
-            self.policy = decision.state
 
     def adopt(self, decision: Decision, when: str, step: int) -> None:
         old = self.plan

@@ -60,6 +60,13 @@ class Plan:
         return cls(**{f.name: kinds.get(f.name, int)(state[f.name]) for f in fields(cls)})
 
 
+def grows(old: Plan, new: Plan) -> bool:
+    """Does `new` use more memory than `old` anywhere (a grow-back step, not a shrink)?"""
+    return (new.micro_batch > old.micro_batch or new.num_workers > old.num_workers
+            or new.prefetch_factor > old.prefetch_factor or (new.pin_memory and not old.pin_memory)
+            or (old.gradient_checkpointing and not new.gradient_checkpointing))
+
+
 def plan_from_config(cfg: RunConfig) -> Plan:
     """The plan the user asked for (the starting plan of a new run)."""
     d = cfg.data

@@ -46,6 +46,9 @@ def main() -> None:
                 "batches": -(-len(rows) // evaluator.batch_size), "loss": result.loss,
                 "exact_match": result.exact_match, "samples": result.samples, "by_case": result.by_case},
                f"{args.out}.rank{backend.rank}.pt")
+    if torch.distributed.is_initialized():  # leave together: a rank exiting with gloo threads alive may abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
