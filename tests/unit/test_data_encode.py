@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from lowmem_train.model.tokenizer import load_tokenizer, train_tokenizer
-from lowmem_train.trainer.data.encode import IGNORE_INDEX, Encoder, collate, vocab_fingerprint
+from lowmem_train.trainer.data.encode import IGNORE_INDEX, Encoder, collate, pad, vocab_fingerprint
 
 ROWS = [("123", "一百二十三"), ("7", "七"), ("10010", "一万零一十" * 5), ("", "零")]
 
@@ -65,3 +68,36 @@ def test_collate_pads_and_shifts(tok):
     assert batch["decoder_input_ids"].tolist() == [[pad, 8], [pad, 8]]
     empty = collate([], pad, "gpt")
     assert empty["labels"].tolist() == [[IGNORE_INDEX]] and "decoder_input_ids" not in empty
+
+
+TEXTS = ["123", "", " ", "四十三万零四十七", "a b  c", "1 2\t3\n", "零" * 50, "unknown ✓ symbols 🙂", "１２３"]
+
+
+def test_the_rust_backend_gives_the_ids_of_the_transformers_call(tok, tiny_task):
+    """Encoder.token_ids calls the fast tokenizer's backend directly; it must give transformers' ids exactly,
+    also for a tokenizer whose post-processor appends a special token (T5's own tokenizer appends </s>)."""
+    from tokenizers.processors import TemplateProcessing
+
+    assert Encoder(tok, "t5", 32).token_ids(TEXTS) == tok(TEXTS, add_special_tokens=False)["input_ids"]
+    appends = load_tokenizer(tiny_task["tokenizer"])
+    appends.backend_tokenizer.post_processor = TemplateProcessing(
+        single=f"$A {appends.eos_token}", special_tokens=[(appends.eos_token, appends.eos_token_id)])
+    assert appends(["12"])["input_ids"] != appends(["12"], add_special_tokens=False)["input_ids"]  # it does append
+    assert Encoder(appends, "t5", 32).token_ids(TEXTS) == tok(TEXTS, add_special_tokens=False)["input_ids"]
+
+
+def test_a_tokenizer_that_truncates_by_itself_goes_through_transformers(tok, tiny_task):
+    """A tokenizer.json with its own truncation: transformers' call ignores it unless asked, so the backend's
+    direct call (which would truncate) must not be used."""
+    own = load_tokenizer(tiny_task["tokenizer"])
+    own.backend_tokenizer.enable_truncation(max_length=2)
+    assert Encoder(own, "t5", 32).token_ids(["12345"]) == [tok("12345", add_special_tokens=False)["input_ids"]]
+    assert len(Encoder(own, "t5", 32).token_ids(["12345"])[0]) == 5
+
+
+@given(st.lists(st.lists(st.integers(0, 2**40), max_size=9), max_size=12), st.integers(-100, 100))
+def test_pad_equals_row_by_row_padding(rows, value):
+    width = max([len(r) for r in rows] + [1])
+    expected = [list(r) + [value] * (width - len(r)) for r in rows]
+    out = pad(rows, value)
+    assert out.dtype == torch.long and out.shape == (len(rows), width) and out.tolist() == expected
