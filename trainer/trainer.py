@@ -23,7 +23,7 @@ from lowmem_train.config.loader import save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
 from lowmem_train.model.build import build_model
-from lowmem_train.trainer import distributed, run_folder
+from lowmem_train.trainer import denormals, distributed, run_folder
 from lowmem_train.trainer.backend import launched_world_size, make_backend, make_optimizer
 from lowmem_train.trainer.checkpoint import Checkpointer, needs_universal
 from lowmem_train.trainer.compat import full_numel
@@ -62,13 +62,17 @@ class Trainer:
         self.cfg, self.on_peer_lost = cfg, on_peer_lost
         self.out = Path(cfg.output_dir)
         self.peers = None
+        self.denormals_were_flushed: bool | None = None  # as found by setup (restored when fit ends)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         try:
             self.setup()
-        except ConfigError:  # often one rank alone sees it (rank 0 checks the data first): the others hear why
-            if self.peers is not None:
+        except BaseException as exc:
+            if self.denormals_were_flushed is not None:
+                denormals.restore(self.denormals_were_flushed)
+            # A user error is often seen by one rank alone (rank 0 checks the data first): the others hear why.
+            if isinstance(exc, ConfigError) and self.peers is not None:
                 self.peers.done("user_error")
             raise
         cfg, state = self.cfg, self.state
@@ -95,6 +99,8 @@ class Trainer:
             log.error("error: %s; restart with --is_keep_training=auto", self.guard.record_backward_oom(self.state.step))
             result = FitResult(self.state.step, self.last_eval, False, None, outcome="oom_in_backward")
         finally:
+            if self.denormals_were_flushed is not None:
+                denormals.restore(self.denormals_were_flushed)
             self.stop.restore()
             self.snapshot_request.restore()
             self.run_log.close()
@@ -264,6 +270,10 @@ class Trainer:
     def setup(self) -> None:
         cfg = self.cfg
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with DataLoader workers
+        if cfg.flush_denormal:  # before anything starts torch's thread pool
+            self.denormals_were_flushed, denormal_warning = denormals.flush_denormals()
+        else:
+            self.denormals_were_flushed, denormal_warning = None, None
         self.family = families.get(cfg.model.type)
         self.checkpointer = Checkpointer(cfg)
         start = run_folder.plan_start(cfg)  # resume, start fresh, or refuse: before anything heavy exists
@@ -274,6 +284,8 @@ class Trainer:
         self.backend = make_backend(cfg, plan.micro_batch, plan.grad_accum,
                                     load_universal=needs_universal(resume, launched_world_size()))
         run_folder.enter(start, cfg, self.backend)
+        if denormal_warning:
+            log.warning("%s (--flush_denormal)", denormal_warning)
         if self.on_peer_lost is not None:
             self.peers = distributed.PeerWatch.start(self.backend, cfg.peer_timeout_seconds, self.on_peer_lost)
         # Pre-flight: refuse a run that cannot fit before anything heavy exists (all ranks reach one verdict).
