@@ -1,0 +1,242 @@
+"""The peers' training loops for bench/peers.py, one function per peer; each runs in its own process, started by
+`python bench/peers.py --child NAME` (2 processes: under `accelerate launch`), and prints one PEERS_RESULT line.
+
+Every loop does the arithmetic of lowmem-train's step: the model is `build_model(cfg, tokenizer)`, batches are
+pre-tokenized rows collated by the trainer's `collate` (padded to the batch's longest row), the loss is
+`families.get("t5").token_loss_sum(model, batch) / target tokens of the batch`, AdamW with the trainer's parameter
+groups and schedule, gradient clipping at 1.0. They are written as a user of each tool would write them: nothing
+here sets what lowmem-train sets for speed (e.g. flushing denormal floats, trainer/denormals.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+DS_FILE = REPO / "ds_configs" / "zero2_offload.json"
+MARK = "PEERS_RESULT "  # the line a child prints with its numbers (rank 0 only)
+IGNORE_INDEX = -100
+
+
+def base_config(data: Path):
+    """t5_tiny's RunConfig (the schema's defaults) pointed at the bench's copy of the bundled task."""
+    from lowmem_train.config.loader import build_config
+
+    return build_config(None, {"train_file": str(data / "train.parquet"), "validation_file": "",
+                               "tokenizer_dir": str(data / "tokenizer")})
+
+
+
+def lr_at(step: int, total: int, cfg) -> float:
+    """The trainer's schedule (linear warmup from lr/div_factor, cosine to lr*final_lr_ratio) over `total` steps."""
+    import math
+
+    peak, start, end = cfg.learn_rate, cfg.learn_rate / cfg.div_factor, cfg.learn_rate * cfg.final_lr_ratio
+    warm = math.ceil(cfg.warmup_ratio * total)
+    if step < warm:
+        return start + (peak - start) * step / warm
+    progress = min((step - warm) / max(total - warm, 1), 1.0)
+    return end + (peak - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model, weight_decay: float) -> list[dict]:
+    """The trainer's AdamW groups: no decay on biases and norms."""
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def set_lr(optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+
+class Clock:
+    """Wall time after each optimizer step and the target tokens of each step; steady state = steps after warmup."""
+
+    def __init__(self, warmup: int):
+        self.warmup, self.perf, self.wall, self.tokens = warmup, [], [], []
+
+    def tick(self, tokens: int) -> None:
+        self.perf.append(time.perf_counter())
+        self.wall.append(time.time())
+        self.tokens.append(int(tokens))
+
+    def result(self, samples_per_step: int, total_tokens: int | None = None, **extra) -> dict:
+        w, n = self.warmup, len(self.perf) - self.warmup
+        seconds = self.perf[-1] - self.perf[w - 1]
+        return {"steps": n, "seconds": seconds, "samples": n * samples_per_step,
+                "step_s": [b - a for a, b in zip(self.perf[w - 1:], self.perf[w:])],
+                "tokens": sum(self.tokens[w:]) if total_tokens is None else total_tokens,
+                "window": (self.wall[w - 1], self.wall[-1]), **extra}
+
+
+def child_common(data: Path):
+    import torch
+    from lowmem_train.model import families
+    from lowmem_train.model.build import build_model
+    from lowmem_train.model.tokenizer import load_tokenizer
+
+    cfg = base_config(data)
+    tokenizer = load_tokenizer(data / "tokenizer")
+    model = build_model(cfg, tokenizer)
+    pairs = pickle.loads((data / "encoded.pkl").read_bytes())
+    return cfg, tokenizer, model, pairs, families.get(cfg.model.type), torch
+
+
+def make_loader(pairs, cfg, tokenizer, batch: int):
+    """What a user of a bare loop writes: a shuffling DataLoader over pre-tokenized rows, collating per step."""
+    from functools import partial
+
+    import torch
+    from lowmem_train.trainer.data.encode import collate
+    from torch.utils.data import DataLoader
+
+    return DataLoader(pairs, batch_size=batch, shuffle=True, drop_last=True, num_workers=0,
+                      collate_fn=partial(collate, pad_id=tokenizer.pad_token_id, model_type=cfg.model.type),
+                      generator=torch.Generator().manual_seed(cfg.seed))
+
+
+def child_torch(data: Path, total: int, warmup: int) -> dict:
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
+    loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
+    schedule_steps = cfg.epochs * len(loader)
+    clock = Clock(warmup)
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == total:
+            break
+        set_lr(optimizer, lr_at(step, schedule_steps, cfg))
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = family.token_loss_sum(model, batch) / max(tokens, 1)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick(tokens)
+    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
+
+
+def accelerate_loop(accelerator, model, optimizer, loader, family, cfg, schedule_steps: int, total: int, warmup: int,
+                    clip: bool):
+    """The bare Accelerate loop both Accelerate peers time; returns the clock and the last loss."""
+    clock = Clock(warmup)
+    model.train()
+    for step, batch in enumerate(loader):
+        if step == total:
+            break
+        set_lr(optimizer, lr_at(step, schedule_steps, cfg))
+        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
+        loss = family.token_loss_sum(model, batch) / max(tokens, 1)
+        accelerator.backward(loss)
+        if clip:
+            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clock.tick(tokens)
+    return clock, loss
+
+
+def child_accelerate(data: Path, total: int, warmup: int) -> dict:
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
+    loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
+    schedule_steps = cfg.epochs * len(loader)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    clock, loss = accelerate_loop(accelerator, model, optimizer, loader, family, cfg, schedule_steps, total, warmup,
+                                  clip=True)
+    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
+
+
+def child_accelerate_ds(data: Path, total: int, warmup: int) -> dict | None:
+    """Launched by `accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml`, one per rank."""
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    from accelerate import Accelerator, DeepSpeedPlugin
+    from accelerate.utils import DummyOptim, InitProcessGroupKwargs
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    micro = cfg.batch_size_per_gpu
+    ds = json.loads(DS_FILE.read_text())  # the launcher's file; every "auto" that accelerate does not fill, filled here
+    ds.update(train_micro_batch_size_per_gpu=micro, gradient_accumulation_steps=1, train_batch_size=micro * world,
+              gradient_clipping=cfg.max_grad_norm)
+    ds["optimizer"]["params"].update(lr=cfg.learn_rate, weight_decay=cfg.weight_decay, betas=[0.9, 0.999], eps=1e-8)
+    ds["bf16"]["enabled"] = ds["fp16"]["enabled"] = False
+    # Without the gloo handler each rank on a CPU-only machine reports one process and trains alone.
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=ds),
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    if accelerator.num_processes != world or accelerator.distributed_type.name != "DEEPSPEED":
+        raise SystemExit(f"not connected: {accelerator.num_processes} process(es), {accelerator.distributed_type}")
+    optimizer = DummyOptim(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, weight_decay=cfg.weight_decay)
+    loader = make_loader(pairs, cfg, tokenizer, micro)
+    schedule_steps = cfg.epochs * (len(loader) // world)
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # DeepSpeed: backward does clipping and the (offloaded) optimizer step
+    clock, loss = accelerate_loop(accelerator, model, optimizer, loader, family, cfg, schedule_steps, total, warmup,
+                                  clip=False)
+    timed = torch.tensor(sum(clock.tokens[warmup:]), dtype=torch.float64)
+    all_tokens = int(accelerator.reduce(timed, reduction="sum"))  # after the clock stopped
+    result = clock.result(micro * world, total_tokens=all_tokens, threads=torch.get_num_threads(), world=world,
+                          last_loss=float(loss))
+    return result if accelerator.is_main_process else None
+
+
+def child_hf(data: Path, total: int, warmup: int, out: Path) -> dict:
+    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    from functools import partial
+
+    from lowmem_train.trainer.data.encode import collate
+    from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
+
+    clock = Clock(warmup)
+    step_tokens: list[int] = []
+
+    class TokenLossTrainer(Seq2SeqTrainer):
+        loss_is_scaled_for_ga = True  # one micro-batch per step: nothing to scale
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            tokens = int((inputs["labels"] != IGNORE_INDEX).sum())
+            step_tokens.append(tokens)
+            loss = family.token_loss_sum(model, inputs) / max(tokens, 1)
+            return (loss, None) if return_outputs else loss
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            clock.tick(step_tokens[-1])
+
+    args = Seq2SeqTrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=cfg.batch_size_per_gpu, max_steps=total,
+        learning_rate=cfg.learn_rate, weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.999,
+        adam_epsilon=1e-8, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
+        optim="adamw_torch", use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
+        logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, dataloader_pin_memory=False,
+        dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed)
+    trainer = TokenLossTrainer(model=model, args=args, train_dataset=pairs, callbacks=[StepClock()],
+                               data_collator=partial(collate, pad_id=tokenizer.pad_token_id, model_type=cfg.model.type))
+    trainer.train()
+    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), optim=str(args.optim))
+
+
+def run_child(args) -> None:
+    data, total, warmup = args.data, args.warmup + args.steps, args.warmup
+    if args.child == "torch":
+        result = child_torch(data, total, warmup)
+    elif args.child == "accelerate":
+        result = child_accelerate(data, total, warmup)
+    elif args.child == "accelerate_ds":
+        result = child_accelerate_ds(data, total, warmup)
+    elif args.child == "hf":
+        result = child_hf(data, total, warmup, args.out)
+    else:
+        raise SystemExit(f"unknown child {args.child}")
+    if result is not None:
+        print(MARK + json.dumps(result), flush=True)
