@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from lowmem_train.trainer.data import dataset as dataset_module
 from lowmem_train.trainer.data.dataset import EpochOrder, LowMemDataset
 from lowmem_train.trainer.data.encode import EncodeStats
+from lowmem_train.trainer.data.packing import LAYOUT, PACKED, pack, unpack
 from lowmem_train.trainer.data.source import ParquetIndex
 
 
@@ -202,7 +203,9 @@ def test_grouping_by_length_sorts_each_step_and_changes_nothing_else(tmp_path):
 def test_real_dataloader_workers_match_the_simulated_round_robin(tmp_path):
     index = ParquetIndex.build(write_files(tmp_path, [[30, 7, 64], [5]]), ("prompt", "response"))
     ds = LowMemDataset(index, IdEncoder(), 0, 8, 1, 2, 3, 16, "pad")
-    real = [b for b in DataLoader(ds, batch_size=None, num_workers=2)]
+    packed = list(DataLoader(ds, batch_size=None, num_workers=2))
+    assert all(set(b) == {"step", "epoch", PACKED, LAYOUT} for b in packed)  # one tensor per batch crosses over
+    real = [unpack(b) for b in packed]
     simulated = [b for rank, b in run_epoch(index, 8, 2, 2, 3, 16, "pad") if rank == 1]
     assert [int(b["step"]) for b in real] == list(range(ds.steps_per_epoch()))
     assert len(real) == len(simulated)
@@ -252,3 +255,14 @@ def test_bad_state_and_arguments_are_refused(tmp_path):
         LowMemDataset(index, IdEncoder(), 0, 6, 0, 4, 0, 16)
     with pytest.raises(ValueError, match="remainder"):
         LowMemDataset(index, IdEncoder(), 0, 4, 0, 1, 0, 16, "wrap")
+
+
+@given(st.dictionaries(st.sampled_from(["a", "b", "c", "d"]), st.lists(st.integers(0, 5), min_size=0, max_size=3),
+                       min_size=1))
+def test_pack_then_unpack_gives_the_batch_back(shapes):
+    batch = {name: torch.randint(-100, 100, tuple(shape)) for name, shape in shapes.items()}
+    batch["step"] = 7
+    back = unpack(pack(batch))
+    assert back.keys() == batch.keys() and back["step"] == 7
+    for name in shapes:
+        assert back[name].shape == batch[name].shape and torch.equal(back[name], batch[name])

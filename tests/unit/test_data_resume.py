@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader
 from lowmem_train.model.tokenizer import load_tokenizer
 from lowmem_train.trainer.data.dataset import LowMemDataset
 from lowmem_train.trainer.data.encode import Encoder
+from lowmem_train.trainer.data.packing import unpack
 from lowmem_train.trainer.data.source import ParquetIndex
 
 GLOBAL_BATCH = 32
@@ -24,7 +25,8 @@ def make_dataset(task, model_type="t5", rank=0, world=1):
 
 
 def loader(ds, workers):
-    return DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False)
+    """Batches as the trainer sees them (workers hand each over packed into one tensor: data/packing.py)."""
+    return map(unpack, DataLoader(ds, batch_size=None, num_workers=workers, persistent_workers=False))
 
 
 def assert_same(a: dict, b: dict) -> None:

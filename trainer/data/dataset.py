@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from lowmem_train.trainer.data.encode import Encoder, collate
+from lowmem_train.trainer.data.packing import pack
 from lowmem_train.trainer.data.source import (DataError, ParquetIndex, batch_rows, locate, open_parquet, read_unit,
                                                release_arrow_memory)
 from lowmem_train.trainer.faults import COLLATE_FAULT
@@ -180,7 +181,7 @@ class LowMemDataset(IterableDataset):
         # A forked worker shares the parent's pages until it writes to them, and every garbage collection
         # writes to every object it visits: freezing the inherited objects keeps them shared (~40 MB a worker).
         gc.freeze()
-        return self.iter_steps(info.id, info.num_workers)
+        return map(pack, self.iter_steps(info.id, info.num_workers))  # one tensor through the process boundary
 
     def iter_steps(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
         """The batches of worker `worker` of `workers`: steps first+worker, first+worker+workers, ..."""

@@ -19,6 +19,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lowmem_train.trainer.compat import stop_forkserver
+from lowmem_train.trainer.data.packing import unpack
 
 
 def worker_context():
@@ -110,7 +111,7 @@ def batches_of(dataset, plan, seed: int) -> Iterator[Iterator[dict]]:
     prefetch thread holds is let go on leaving (before a loader with another plan starts)."""
     loader = make_loader(dataset, plan, seed)
     if plan.num_workers:
-        iterator = iter(loader)
+        iterator = map(unpack, loader)
         try:
             yield iterator
         finally:
