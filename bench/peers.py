@@ -195,7 +195,15 @@ def run_env(args) -> dict:
 def warm_deepspeed(args, data: Path) -> None:
     """One unmeasured 2-process run first: DeepSpeed JIT-builds its CPU ops (cpu_adam, shm comm) into
     ~/.cache/torch_extensions when they are missing or stale; a build inside a measured run would count the compiler
-    in its time and its memory."""
+    in its time and its memory.
+
+    A build that was killed leaves its `lock` file behind, and the next build waits for it forever (torch's
+    FileBaton): nothing else builds in the bench's own extensions folder while the bench starts, so a lock
+    there is stale and goes."""
+    if args.torch_extensions and Path(args.torch_extensions).is_dir():
+        for lock in Path(args.torch_extensions).glob("*/lock"):
+            print(f"removing {lock}, left by a build that was killed", flush=True)
+            lock.unlink()
     t0 = time.perf_counter()
     cmd = [*launcher(2), str(Path(__file__).resolve()), "--child", "accelerate_ds", "--data", str(data), "--steps", "1",
            "--warmup", "1", "--out", str(args.work / "runs" / "warm")]
