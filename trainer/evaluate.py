@@ -85,7 +85,7 @@ class Evaluator:
             keep = torch.tensor(weights, device=batch["labels"].device).bool()
             batch["labels"] = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
             loss_sum += float(self.family.token_loss_sum(net, batch))
-            tokens += int((batch["labels"] != IGNORE_INDEX).sum())
+            tokens += self.family.target_tokens(batch["labels"])
             predicted = self.generate(net, pairs)
             for row, pred, w in zip(chunk, predicted, weights):
                 if not w:

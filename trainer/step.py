@@ -114,7 +114,7 @@ def train_step(backend: Backend, model, optimizer, family, batch: dict[str, torc
         raise LoaderFailed
     pending = split_micro_batches(batch, grad_accum, family)
     micro = micro_batch
-    local_tokens = float(sum(int((p["labels"] != IGNORE_INDEX).sum()) for p in pending))
+    local_tokens = float(sum(family.target_tokens(p["labels"]) for p in pending))
     cells, pad_cells = map(sum, zip(*(family.padding(p) for p in pending)))
     tokens = None  # of the global step, once agreed
     set_lr(optimizer, lr)

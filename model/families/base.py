@@ -117,8 +117,12 @@ class ModelFamily:
         return {**piece, **{key: piece[key][:, :width] for key in ("input_ids", "attention_mask", "labels")}}
 
     def token_loss_sum(self, model, piece: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Sum of cross-entropy over the target tokens (labels != IGNORE_INDEX) of one micro-batch."""
+        """Sum of cross-entropy over the target tokens (`target_tokens`) of one micro-batch."""
         raise NotImplementedError
+
+    def target_tokens(self, labels: torch.Tensor) -> int:
+        """How many labels `token_loss_sum` scores: the divisor of the mean loss."""
+        return int((labels != IGNORE_INDEX).sum())
 
     # ---- generation ------------------------------------------------------------------------------------------
     def answer(self, output: torch.Tensor, input_width: int) -> torch.Tensor:

@@ -68,6 +68,11 @@ class GptFamily(ModelFamily):
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
                                ignore_index=IGNORE_INDEX, reduction="sum")
 
+    def target_tokens(self, labels):
+        # Position t predicts token t+1: the label at position 0 is never scored (it is a target only when the
+        # prompt is empty, where [SEP] opens the row).
+        return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
     def answer(self, output, input_width):
         return output[:, input_width:]  # generate() returns the (padded) prompt first
 

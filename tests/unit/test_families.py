@@ -69,6 +69,26 @@ def test_loss_counts_exactly_the_target_tokens(tok, family):
     assert fam.token_loss_sum(model, batch).item() == 0.0
 
 
+@pytest.mark.parametrize("family", SHIPPED)
+def test_target_tokens_are_the_tokens_the_loss_scores(tok, family):
+    """The mean loss divides by `target_tokens`: one target token more than the loss scores (GPT with an empty
+    prompt: [SEP] at position 0 is a label that nothing predicts) would make every such loss too small. A model
+    with all-zero logits gives each scored token a loss of exactly log(vocabulary): the sum counts them."""
+    from types import SimpleNamespace
+
+    from lowmem_train.trainer.data.encode import Encoder, collate
+
+    fam, vocab = families.get(family), 64
+    batch = collate(Encoder(tok, family, 32).encode([("", "零"), ("7", "七十"), ("", "")]), tok.pad_token_id, family)
+
+    def uniform(input_ids, decoder_input_ids=None, **_):
+        return SimpleNamespace(logits=torch.zeros(*(input_ids if decoder_input_ids is None else decoder_input_ids).shape,
+                                                  vocab))
+
+    scored = fam.token_loss_sum(uniform, batch) / torch.log(torch.tensor(float(vocab)))
+    assert round(float(scored)) == fam.target_tokens(batch["labels"])
+
+
 LLAMA = '''
 """A Llama-style causal model (RoPE, RMSNorm, SwiGLU): the GPT layout, another network."""
 
