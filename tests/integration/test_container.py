@@ -196,17 +196,18 @@ value = lambda flag: argv[argv.index(flag) + 1]
 total, machines, rank = int(value("--num_processes")), int(value("--num_machines")), int(value("--machine_rank"))
 per_node = total // machines
 command = argv[argv.index("--no_python") + 1:]
-workers = [subprocess.Popen(command, env=dict(os.environ, RANK=str(rank * per_node + i), LOCAL_RANK=str(i)),
-                            start_new_session=True) for i in range(per_node)]
-stopped = []
+workers, stopped = [], []
 def signalled(signum, frame):
     stopped.append(signum)
     with open(os.path.join(log, "accelerate.signalled"), "w") as f:
         f.write(signal.Signals(signum).name)
     for w in workers:
         w.terminate()
-signal.signal(signal.SIGTERM, signalled)
+signal.signal(signal.SIGTERM, signalled)  # before any worker exists, as torchrun does
 signal.signal(signal.SIGINT, signalled)
+for i in range(per_node):
+    workers.append(subprocess.Popen(command, env=dict(os.environ, RANK=str(rank * per_node + i), LOCAL_RANK=str(i)),
+                                    start_new_session=True))
 codes = [w.wait() for w in workers]
 sys.exit(1 if stopped or any(codes) else 0)
 """
@@ -313,8 +314,11 @@ def test_entrypoint_exits_with_the_workers_code_not_the_launchers_1(stand_ins, c
 
 
 def running_entrypoint(env, log):
+    # SIGINT at its default, as a container runtime or a terminal starts the entrypoint: a test session started as
+    # a background job inherits SIGINT ignored, and a shell cannot trap a signal ignored on entry.
     proc = subprocess.Popen(["sh", str(ENTRYPOINT), "train"], env=dict(env, NUM_PROCESSES="2", FAKE_RUN="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 30
     while not ((log / "trainer-0.ready").exists() and (log / "trainer-1.ready").exists()):
         if time.monotonic() > deadline or proc.poll() is not None:
@@ -354,4 +358,6 @@ def test_entrypoint_exits_0_when_every_process_gets_the_signal_and_the_workers_s
         proc.kill()
     assert (log / "accelerate.signalled").exists()
     assert proc.returncode == 0, stderr
-    assert "every worker on this node exited 0 (the launcher said 1)" in stderr
+    # The launcher said 1; the shell reports 143 when its `wait` was cut short by the same signal and the launcher
+    # was reaped meanwhile. Either way the workers' 0 decides.
+    assert re.search(r"every worker on this node exited 0 \(the launcher said (1|143)\)", stderr), stderr

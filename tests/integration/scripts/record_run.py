@@ -53,6 +53,9 @@ def main() -> int:
     trainer.record["plan"] = trainer.guard.plan.state_dict()
     trainer.record["outcome"] = result.outcome
     torch.save(trainer.record, Path(cfg.output_dir) / f"record_rank{trainer.backend.rank}.pt")
+    if torch.distributed.is_initialized():  # leave together: a rank exiting with gloo threads alive may abort
+        torch.distributed.barrier()         # ("terminate called without an active exception", seen in CI)
+        torch.distributed.destroy_process_group()
     return 0 if result.outcome in ("finished", "stopped") else 3
 
 
