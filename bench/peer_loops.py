@@ -5,7 +5,8 @@ Every loop does the arithmetic of lowmem-train's step: the model is `build_model
 pre-tokenized rows collated by the trainer's `collate` (padded to the batch's longest row), the loss is
 `families.get("t5").token_loss_sum(model, batch) / target tokens of the batch`, AdamW with the trainer's parameter
 groups and schedule, gradient clipping at 1.0. They are written as a user of each tool would write them: nothing
-here sets what lowmem-train sets for speed (e.g. flushing denormal floats, trainer/denormals.py).
+here sets what lowmem-train sets for speed (flushing denormal floats, trainer/denormals.py), unless
+`bench/peers.py --peers_flush_denormal` asks for it.
 """
 
 from __future__ import annotations
@@ -79,6 +80,9 @@ class Clock:
 
 def child_common(data: Path):
     import torch
+
+    if os.environ.get("PEERS_FLUSH_DENORMAL") == "1":  # --peers_flush_denormal: before torch starts its threads
+        torch.set_flush_denormal(True)
     from lowmem_train.model import families
     from lowmem_train.model.build import build_model
     from lowmem_train.model.tokenizer import load_tokenizer

@@ -189,6 +189,8 @@ def run_env(args) -> dict:
         env["OMP_NUM_THREADS"] = str(args.threads)  # torch's intra-op threads, in every process of every run
     if args.torch_extensions:
         env["TORCH_EXTENSIONS_DIR"] = str(args.torch_extensions)
+    if args.peers_flush_denormal:
+        env["PEERS_FLUSH_DENORMAL"] = "1"
     return env
 
 
@@ -337,6 +339,9 @@ def main() -> None:
                          "warm-up run). A folder of its own, because two virtualenvs sharing ~/.cache/torch_extensions "
                          "rebuild each other's ops (their build files differ), which would put a compiler inside a "
                          "measured run. '' = the default cache")
+    ap.add_argument("--peers_flush_denormal", action="store_true",
+                    help="the peers call torch.set_flush_denormal(True) first, as lowmem-train does by default "
+                         "(--flush_denormal): compares the loops alone, without that setting's effect")
     ap.add_argument("--keep_runs", action="store_true", help="keep the run folders (lowmem-train's metrics.jsonl, logs)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
@@ -377,7 +382,7 @@ def main() -> None:
     print(f"Machine: {header}; at the end: {load_end}.")
     print(f"Model t5_tiny (T5 d_model {cfg.model.d_model}, {cfg.model.num_layers}+{cfg.model.num_decoder_layers} layers, "
           f"vocabulary from {data / 'tokenizer'}), max_seq_len {cfg.max_seq_len}, micro-batch {cfg.batch_size_per_gpu} "
-          f"per process, fp32{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}; {args.warmup} warm-up steps, then {steps1} (1 process) / {steps2} (2 processes) timed "
+          f"per process, fp32{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}{', the peers flush denormals' if args.peers_flush_denormal else ''}; {args.warmup} warm-up steps, then {steps1} (1 process) / {steps2} (2 processes) timed "
           f"steps; {rounds} round(s){': the fastest round, (all rounds)' if rounds > 1 else ''}. Peak PSS: whole process tree "
           f"(launcher, ranks, workers), whole run; 'in timed steps': the same, over the timed steps only. samples/s and "
           f"tokens/s: over all timed steps of a round; 'at the median step': batch / the median step of a round, "
