@@ -111,26 +111,15 @@ def child_torch(data: Path, total: int, warmup: int) -> dict:
     cfg, tokenizer, model, pairs, family, torch = child_common(data)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
     loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
-    schedule_steps = cfg.epochs * len(loader)
-    clock = Clock(warmup)
-    model.train()
-    for step, batch in enumerate(loader):
-        if step == total:
-            break
-        set_lr(optimizer, lr_at(step, schedule_steps, cfg))
-        tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-        loss = family.token_loss_sum(model, batch) / max(tokens, 1)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        clock.tick(tokens)
+    clock, loss = timed_loop(model, optimizer, loader, family, cfg, cfg.epochs * len(loader), total, warmup,
+                             backward=lambda loss: loss.backward(),
+                             clip=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
     return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
 
 
-def accelerate_loop(accelerator, model, optimizer, loader, family, cfg, schedule_steps: int, total: int, warmup: int,
-                    clip: bool):
-    """The bare Accelerate loop both Accelerate peers time; returns the clock and the last loss."""
+def timed_loop(model, optimizer, loader, family, cfg, schedule_steps: int, total: int, warmup: int, backward, clip):
+    """The loop every hand-written peer times: its own `backward(loss)` and `clip()` (None: the engine clips);
+    returns the clock and the last loss."""
     clock = Clock(warmup)
     model.train()
     for step, batch in enumerate(loader):
@@ -139,9 +128,9 @@ def accelerate_loop(accelerator, model, optimizer, loader, family, cfg, schedule
         set_lr(optimizer, lr_at(step, schedule_steps, cfg))
         tokens = int((batch["labels"] != IGNORE_INDEX).sum())
         loss = family.token_loss_sum(model, batch) / max(tokens, 1)
-        accelerator.backward(loss)
-        if clip:
-            accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+        backward(loss)
+        if clip is not None:
+            clip()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         clock.tick(tokens)
@@ -157,8 +146,9 @@ def child_accelerate(data: Path, total: int, warmup: int) -> dict:
     loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
     schedule_steps = cfg.epochs * len(loader)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
-    clock, loss = accelerate_loop(accelerator, model, optimizer, loader, family, cfg, schedule_steps, total, warmup,
-                                  clip=True)
+    clock, loss = timed_loop(model, optimizer, loader, family, cfg, schedule_steps, total, warmup,
+                             backward=accelerator.backward,
+                             clip=lambda: accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
     return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
 
 
@@ -185,8 +175,8 @@ def child_accelerate_ds(data: Path, total: int, warmup: int) -> dict | None:
     schedule_steps = cfg.epochs * (len(loader) // world)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # DeepSpeed: backward does clipping and the (offloaded) optimizer step
-    clock, loss = accelerate_loop(accelerator, model, optimizer, loader, family, cfg, schedule_steps, total, warmup,
-                                  clip=False)
+    clock, loss = timed_loop(model, optimizer, loader, family, cfg, schedule_steps, total, warmup,
+                             backward=accelerator.backward, clip=None)
     timed = torch.tensor(sum(clock.tokens[warmup:]), dtype=torch.float64)
     all_tokens = int(accelerator.reduce(timed, reduction="sum"))  # after the clock stopped
     result = clock.result(micro * world, total_tokens=all_tokens, threads=torch.get_num_threads(), world=world,
