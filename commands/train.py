@@ -53,7 +53,7 @@ def run(args, cfg) -> int:
     from lowmem_train.commands.main import is_main_process, say_error
     from lowmem_train.config.errors import ConfigError, first_line
     from lowmem_train.trainer.checkpoint import OutOfDisk
-    from lowmem_train.trainer.distributed import is_lost_peer_error
+    from lowmem_train.trainer.distributed import is_lost_peer_error, leave_process_group
     from lowmem_train.trainer.trainer import Trainer
 
     out = Path(cfg.output_dir)
@@ -94,4 +94,6 @@ def run(args, cfg) -> int:
         code = write_status(out, result.outcome, "out of memory in backward")
         logging.shutdown()
         os._exit(code)  # leave now: an orderly shutdown would wait for those collectives
+    if result.outcome in ("finished", "stopped"):  # every rank is here, after the same step
+        leave_process_group()
     return write_status(out, result.outcome) if is_main_process() else EXIT_CODES[result.outcome]

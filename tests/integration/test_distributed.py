@@ -84,6 +84,26 @@ def test_multi_gpu_flag_on_cpu_trains_one_synchronised_model(tiny_task, tmp_path
     assert max((w0[k] - w1[k]).abs().max().item() for k in w0) == 0.0
 
 
+def test_the_train_command_leaves_the_process_group_on_every_rank(tiny_task, tmp_path):
+    """A rank that exits with gloo's threads alive can abort at exit (-6) and turn a finished run into a failed one
+    (seen in CI): the command tears the group down on every rank once the run ended together."""
+    import json
+    import os
+    import subprocess
+
+    out = tmp_path / "run"
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                "--main_process_port", "29614"]
+    result = subprocess.run([*launcher, str(REPO / "tests" / "integration" / "scripts" / "train_then_report.py"),
+                             "train", *task_options(tiny_task, out), *TINY_MODEL, "--deepspeed_config=none",
+                             "--max_steps=2", "--batch_size_per_gpu=8", "--data.eval_max_samples=8"],
+                            cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    left = [json.loads((tmp_path / f"left_rank{r}.json").read_text()) for r in (0, 1)]
+    assert left == [{"code": 0, "process_group": False}] * 2
+
+
 def test_multi_gpu_flag_keeps_deepspeed_when_the_config_asks_for_it(tiny_task, tmp_path, deepspeed_ops):
     """The prior art's --multi_gpu silently dropped DeepSpeed; here the run config decides."""
     out = tmp_path / "kept"

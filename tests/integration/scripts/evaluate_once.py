@@ -15,6 +15,7 @@ import torch
 from lowmem_train.config.loader import build_config
 from lowmem_train.model.generate import load_exported
 from lowmem_train.model.tokenizer import load_tokenizer
+from lowmem_train.trainer import distributed
 from lowmem_train.trainer.backend import make_backend
 from lowmem_train.trainer.data.encode import Encoder
 from lowmem_train.trainer.data.source import ParquetIndex
@@ -46,9 +47,7 @@ def main() -> None:
                 "batches": -(-len(rows) // evaluator.batch_size), "loss": result.loss,
                 "exact_match": result.exact_match, "samples": result.samples, "by_case": result.by_case},
                f"{args.out}.rank{backend.rank}.pt")
-    if torch.distributed.is_initialized():  # leave together: a rank exiting with gloo threads alive may abort
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    distributed.leave_process_group()  # as the train command does: a rank exiting with gloo alive may abort
 
 
 if __name__ == "__main__":

@@ -97,6 +97,7 @@ def main() -> None:
             record.update(grads=grads, tokens=result.tokens, tokens_per_rank=tokens_per_rank,
                           world_size=backend.world_size, positions=batch["positions"].tolist())
         torch.save(record, args.out)
+    distributed.leave_process_group()  # as the train command does: a rank exiting with gloo alive may abort
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # the repo root, for train_low_mem
 
 from lowmem_train.config.cli import parse_run_config
+from lowmem_train.trainer import distributed
 from lowmem_train.trainer import trainer as trainer_module
 from lowmem_train.trainer.run_log import setup_logging
 from train_low_mem import build_parser
@@ -53,9 +54,7 @@ def main() -> int:
     trainer.record["plan"] = trainer.guard.plan.state_dict()
     trainer.record["outcome"] = result.outcome
     torch.save(trainer.record, Path(cfg.output_dir) / f"record_rank{trainer.backend.rank}.pt")
-    if torch.distributed.is_initialized():  # leave together: a rank exiting with gloo threads alive may abort
-        torch.distributed.barrier()         # ("terminate called without an active exception", seen in CI)
-        torch.distributed.destroy_process_group()
+    distributed.leave_process_group()  # as the train command does: a rank exiting with gloo alive may abort
     return 0 if result.outcome in ("finished", "stopped") else 3
 
 
