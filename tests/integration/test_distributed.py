@@ -4,6 +4,7 @@ the optimizer offloaded to CPU, gloo. Nothing is mocked."""
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +15,12 @@ pytestmark = pytest.mark.slow
 RECORDER = REPO / "tests" / "integration" / "scripts" / "record_run.py"
 
 
-def launch_recorded(options: list[str], port: int, env: dict | None = None, launcher: list[str] | None = None):
+def launch_recorded(options: list[str], port: int, env: dict | None = None, launcher: list[str] | None = None,
+                    script: Path = RECORDER):
     import os
     import subprocess
 
-    cmd = (launcher or accelerate_launch("cpu_2proc_deepspeed.yaml", port)) + [str(RECORDER), *options]
+    cmd = (launcher or accelerate_launch("cpu_2proc_deepspeed.yaml", port)) + [str(script), *options]
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
                           env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
 
@@ -88,17 +90,13 @@ def test_the_train_command_leaves_the_process_group_on_every_rank(tiny_task, tmp
     """A rank that exits with gloo's threads alive can abort at exit (-6) and turn a finished run into a failed one
     (seen in CI): the command tears the group down on every rank once the run ended together."""
     import json
-    import os
-    import subprocess
 
     out = tmp_path / "run"
     launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--main_process_port", "29614"]
-    result = subprocess.run([*launcher, str(REPO / "tests" / "integration" / "scripts" / "train_then_report.py"),
-                             "train", *task_options(tiny_task, out), *TINY_MODEL, "--deepspeed_config=none",
-                             "--max_steps=2", "--batch_size_per_gpu=8", "--data.eval_max_samples=8"],
-                            cwd=REPO, capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    result = launch_recorded(["train", *task_options(tiny_task, out), *TINY_MODEL, "--deepspeed_config=none",
+                              "--max_steps=2", "--batch_size_per_gpu=8", "--data.eval_max_samples=8"], port=29614,
+                             launcher=launcher, script=REPO / "tests" / "integration" / "scripts" / "train_then_report.py")
     assert result.returncode == 0, result.stderr[-3000:]
     left = [json.loads((tmp_path / f"left_rank{r}.json").read_text()) for r in (0, 1)]
     assert left == [{"code": 0, "process_group": False}] * 2
