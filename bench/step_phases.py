@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.*
-from bench.peers import REPO, machine, prepare_data
+from bench.peers import REPO, machine, prepare_data, run_env
 
 MARK = "PHASES_RESULT "
 WARM_DATA_STEPS = 50  # steps of the data path alone run before its clock starts
@@ -147,9 +147,7 @@ def child(name: str, data: Path, steps: int, warmup: int) -> dict:
 
 # ---- the parent -------------------------------------------------------------------------------------------------
 def run(name: str, args, data: Path, steps: int) -> dict:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false", "PEERS_FLUSH_DENORMAL": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
+    env = run_env(argparse.Namespace(threads=args.threads, torch_extensions="", peers_flush_denormal=True))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--data", str(data), "--steps", str(steps),
            "--warmup", str(args.warmup)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
