@@ -38,13 +38,13 @@ class MemoryConfig:
     min_saving_gb: float = 0.05
     """A compute shrink (micro-batch, checkpointing) that lowered the peak by less than this, in GB, is undone."""
     min_saving_fraction: float = 0.02
-    """... or by less than this fraction of the job's limit, when smaller."""
+    """... or by less than this fraction of the job's limit (of the GPU's memory, for a shrink made for GPU pressure), when smaller."""
     swap_growth_mb: float = 128.0
     """Swap written between two samples that counts as host pressure, in MB."""
     gpu_high_fraction: float = 0.92
-    """Halve the micro-batch when the fullest GPU uses more than this fraction of its memory."""
+    """Halve the micro-batch when this rank's peak allocation exceeds this fraction of what it can have on its own GPU (free + its own cache)."""
     gpu_low_fraction: float = 0.75
-    """Grow back only while the fullest GPU stays below this fraction of its memory."""
+    """Grow back only while that GPU pressure stays below this fraction."""
     calm_epochs_before_grow: int = 2
     """Consecutive calm epochs needed before growing back one step (doubles after a step that had to be undone)."""
     max_num_workers: int = 8

@@ -98,12 +98,43 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def choose_precision(requested: str) -> str:
+def rank_device() -> int:
+    """The CUDA device this rank will compute on: accelerate picks cuda:LOCAL_RANK."""
+    local = os.environ.get("LOCAL_RANK", "0")
+    return int(local) if local.isdigit() else 0
+
+
+def choose_precision(requested: str, capability: tuple[int, int] | None = None, name: str = "") -> str:
+    """What the forward pass runs in. bf16 needs compute capability 8.0 (Ampere) or newer: below that
+    torch.cuda.is_bf16_supported() still answers True (it counts emulation, which is slow), so the capability
+    itself decides, read from this rank's own device (`capability`, None without a GPU). auto on an older GPU
+    stays fp32: fp16 is faster there but T5's activations overflow in it (ask for it with --mixed_precision fp16)."""
     if requested == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+        if capability is not None and capability >= (8, 0):
             return "bf16"
         return "fp32"  # on CPU, bf16 autocast costs more in casts than it saves for small models
+    if requested == "bf16" and capability is not None and capability < (8, 0):
+        raise ConfigError(f"--mixed_precision=bf16: {name or 'this GPU'} has compute capability "
+                          f"{capability[0]}.{capability[1]}, and bf16 needs 8.0 or newer (A100, H100, RTX 30xx+); "
+                          "use fp16 or no")
     return {"no": "fp32"}.get(requested, requested)
+
+
+def precision_for_this_rank(requested: str, on_gpu: bool) -> str:
+    """choose_precision with this rank's own device (`on_gpu`: the run computes on CUDA), read from its properties:
+    no CUDA context is made on GPU 0 by every rank (is_bf16_supported() would make one on the current device
+    before accelerate sets it)."""
+    if not on_gpu:
+        return choose_precision(requested)
+    from lowmem_train.trainer.memory.gpu import compute_capability, device_name
+
+    device = rank_device()
+    capability = compute_capability(device=device)
+    precision = choose_precision(requested, capability, device_name(device=device))
+    if requested == "auto" and precision == "fp32" and capability is not None:
+        log.info("precision fp32: %s has compute capability %d.%d, bf16 needs 8.0 (--mixed_precision fp16 is faster "
+                 "there, but T5's activations can overflow in it)", device_name(device=device), *capability)
+    return precision
 
 
 def choose_ds_config_path(cfg: RunConfig, world_size: int) -> Path | None:
@@ -156,7 +187,7 @@ def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int, load_univers
 
     `load_universal`: the checkpoint to resume was written by another number of processes and is loaded in
     DeepSpeed's universal format (checkpoint.py converts it); DeepSpeed reads the switch from its config."""
-    precision = choose_precision(cfg.mixed_precision)
+    precision = precision_for_this_rank(cfg.mixed_precision, torch.cuda.is_available())
     if precision != "fp32" and not torch.cuda.is_available():
         raise ConfigError(f"--mixed_precision={cfg.mixed_precision} needs a GPU; use auto or no on CPU")
     world = launched_world_size()

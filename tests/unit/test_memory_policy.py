@@ -23,15 +23,17 @@ _steps = itertools.count(1)
 def sample(available_gb: float = 20.0, gpu: float | None = None, swapped_mb: float = 0.0,
            limit_gb: float = 64.0, peak_gb: float | None = None, rise_gb: float = 0.0) -> MemorySample:
     """A worst-of-ranks sample with the figures the policy reads; the rest plausible. `rise_gb`: how far the step
-    peak went above the between-steps reading; `peak_gb`: the tree's step peak (default: 1 GB + the rise)."""
+    peak went above the between-steps reading; `peak_gb`: the tree's step peak (default: 1 GB + the rise); `gpu`:
+    the GPU pressure (peak allocated over free + reserved, on an 80 GB device)."""
     available = int(available_gb * GB)
     peak = int(peak_gb * GB) if peak_gb is not None else (int((1.0 + rise_gb) * GB) if rise_gb else None)
     return MemorySample(
         step=next(_steps), time=0.0, host_total=64 * GB, host_available=available, swap_used=0, swap_in_rate=0.0,
         swap_out_rate=0.0, swapped_out=int(swapped_mb * MB), tree_pss=GB, tree_rss=GB, tree_processes=1,
         cgroup_limit=None, cgroup_usage=None, slurm_limit=None, budget=None, job_available=available,
-        job_limit=int(limit_gb * GB), gpu_used=() if gpu is None else (int(gpu * 80 * GB),),
-        gpu_total=() if gpu is None else (80 * GB,), step_peak=peak,
+        job_limit=int(limit_gb * GB), step_peak=peak,
+        **({} if gpu is None else {"gpu_total": 80 * GB, "gpu_free": 80 * GB - int(gpu * 80 * GB),
+                                   "torch_reserved": int(gpu * 80 * GB), "torch_max_allocated": int(gpu * 80 * GB)}),
         job_available_at_peak=max(0, available - int(rise_gb * GB)),
     )
 
@@ -44,14 +46,21 @@ PLAN = Plan(micro_batch=16, grad_accum=1, num_workers=4, pin_memory=True, prefet
             gradient_checkpointing=False)
 
 
-def run(cfg: MemoryConfig, plan: Plan, samples_per_epoch: list[MemorySample], world_size: int = 1):
-    """Decide once per epoch (one sample each); the list of decisions."""
+def run(cfg: MemoryConfig, plan: Plan, samples_per_epoch: list, world_size: int = 1):
+    """Decide once per epoch (one sample each, or a function of the plan in force giving it); the decisions."""
     state, decisions = start(cfg, plan), []
     for s in samples_per_epoch:
-        d = decide([s], plan, cfg, world_size, state)
+        d = decide([s(plan) if callable(s) else s], plan, cfg, world_size, state)
         plan, state = d.plan, d.state
         decisions.append(d)
     return decisions
+
+
+def crowded_gpu(p: Plan) -> MemorySample:
+    """A GPU sample under the plan in force: 76 of 80 GB held by states and other processes, 4 GB of activations
+    at this plan's starting micro-batch (its per-rank batch), halved by checkpointing: pressured whatever the plan."""
+    activations = 4 * p.micro_batch / (p.micro_batch * p.grad_accum) * (0.5 if p.gradient_checkpointing else 1.0)
+    return sample(20, gpu=(76 + activations) / 80)
 
 
 def test_host_pressure_sheds_workers_then_prefetch_then_last_worker_then_pin():
@@ -77,12 +86,19 @@ def test_swap_growth_counts_as_host_pressure():
 def test_gpu_pressure_halves_micro_batch_then_turns_on_checkpointing():
     cfg, world = MemoryConfig(), 2
     plan = replace(PLAN, micro_batch=16, grad_accum=2)  # global batch 64 = 16 x 2 x 2
-    decisions = run(cfg, plan, [sample(20, gpu=0.97) for _ in range(7)], world_size=world)
+
+    def crowded(p: Plan) -> MemorySample:  # 76 of 80 GB are states and what others hold; activations follow the plan
+        activations = 4 * p.micro_batch / 16 * (0.5 if p.gradient_checkpointing else 1.0)
+        return sample(20, gpu=(76 + activations) / 80)
+
+    decisions = run(cfg, plan, [crowded] * 7, world_size=world)
     assert [(d.plan.micro_batch, d.plan.grad_accum) for d in decisions] == [
         (8, 4), (4, 8), (2, 16), (1, 32), (1, 32), (1, 32), (1, 32)]
     assert [d.plan.gradient_checkpointing for d in decisions][3:5] == [False, True]
     assert all(d.plan.global_batch(world) == 64 for d in decisions)
-    assert decisions[0].reason == "GPU used 97% > 92%: micro-batch 16 -> 8, grad_accum 2 -> 4"
+    assert decisions[0].reason == ("GPU peak 100% of the memory this rank can have > 92%: micro-batch 16 -> 8, "
+                                   "grad_accum 2 -> 4")
+    assert decisions[1].effect == "micro-batch 16 -> 8, grad_accum 2 -> 4 saved 2.00 GB of peak"  # kept
     assert "nothing left to shrink" in decisions[-1].reason
     assert decisions[0].plan.num_workers == 4  # GPU pressure leaves the loader alone
 
@@ -90,7 +106,7 @@ def test_gpu_pressure_halves_micro_batch_then_turns_on_checkpointing():
 def test_micro_batch_takes_only_divisors_of_the_per_rank_batch():
     cfg = MemoryConfig(calm_epochs_before_grow=2)
     plan = replace(PLAN, micro_batch=24, num_workers=0, pin_memory=False)
-    down = run(cfg, plan, [sample(20, gpu=0.99) for _ in range(4)])
+    down = run(cfg, plan, [crowded_gpu] * 4)
     assert [d.plan.micro_batch for d in down] == [12, 6, 3, 1]
     state, shrunk, micros = down[-1].state, down[-1].plan, []
     for _ in range(16):  # calm: grows back through the next divisor each time, every 2nd decision
@@ -121,7 +137,7 @@ def test_grow_back_one_step_after_calm_epochs_and_never_past_the_start():
     assert [d.changed for d in history[:4]] == [False, True, False, True]  # every 2nd calm decision
     assert [g.reason.split(": ", 1)[1] for g in grown] == [
         "micro-batch 8 -> 16, grad_accum 2 -> 1", "workers 1 -> 2", "workers 2 -> 4"]
-    assert grown[0].reason.startswith("calm for 2 decisions (available 30.0 GB > 4.0 GB, GPU 30% < 75%)")
+    assert grown[0].reason.startswith("calm for 2 decisions (available 30.0 GB > 4.0 GB, GPU peak 30% < 75%)")
     assert plan == PLAN and not history[-1].changed
 
 

@@ -172,31 +172,34 @@ def test_pss_is_carried_forward_by_rss_and_reread_when_the_tree_changes(tmp_path
 def test_fake_gpu_readings_reach_the_sample_and_the_policy(tmp_path):
     fake_host(tmp_path)
 
-    def fake_gpus() -> GpuReading:
-        return GpuReading(used=(10 * GB, 38 * GB), total=(40 * GB, 40 * GB), torch_allocated=30 * GB,
-                          torch_reserved=36 * GB, torch_max_allocated=37 * GB)
+    def fake_gpu() -> GpuReading:  # our device: 40 GB, 2 GB free, 36 GB in our cache, a 37.5 GB peak
+        return GpuReading(total=40 * GB, free=2 * GB, used=38 * GB, allocated=30 * GB, reserved=36 * GB,
+                          peak=int(37.5 * GB))
 
-    s = fake_probe(tmp_path, read_gpu=fake_gpus).sample()
-    assert s.gpu_used_fraction == pytest.approx(0.95) and s.torch_max_allocated == 37 * GB
+    s = fake_probe(tmp_path, read_gpu=fake_gpu).sample()
+    assert s.gpu_pressure == pytest.approx(37.5 / 38) and s.torch_max_allocated == int(37.5 * GB)
     cfg, plan = MemoryConfig(), Plan(16, 2, 2, True, 2, False)
     d = decide([s], plan, cfg, 4, PolicyState.initial(plan, cfg))
-    assert (d.plan.micro_batch, d.plan.grad_accum) == (8, 4) and d.reason.startswith("GPU used 95% > 92%")
+    assert (d.plan.micro_batch, d.plan.grad_accum) == (8, 4)
+    assert d.reason.startswith("GPU peak 99% of the memory this rank can have > 92%")
 
 
 def test_fake_gpu_worst_of_ranks_and_vector_round_trip(tmp_path):
     fake_host(tmp_path, available_gb=24)
-    rank0 = fake_probe(tmp_path, read_gpu=lambda: GpuReading((20 * GB,), (40 * GB,))).sample(step=5)
+    rank0 = fake_probe(tmp_path, read_gpu=lambda: GpuReading(40 * GB, 20 * GB, 20 * GB, 10 * GB, 19 * GB, 19 * GB))
+    rank0 = rank0.sample(step=5)
     fake_host(tmp_path, available_gb=6)
-    rank1 = fake_probe(tmp_path, read_gpu=lambda: GpuReading((30 * GB, 5 * GB), (40 * GB, 40 * GB))).sample(step=5)
+    rank1 = fake_probe(tmp_path, read_gpu=lambda: GpuReading(40 * GB, 5 * GB, 35 * GB, 20 * GB, 25 * GB, 24 * GB))
+    rank1 = rank1.sample(step=5)
     worst = MemorySample.worst([rank0, rank1])
     assert worst.job_available == 6 * GB and worst.host_available == 6 * GB
-    assert (worst.gpu_used, worst.gpu_total, worst.gpu_used_fraction) == ((30 * GB,), (40 * GB,), 0.75)
+    assert (worst.gpu_free, worst.torch_reserved, worst.gpu_pressure) == (5 * GB, 25 * GB, 0.8)  # rank 1's device
     for s in (rank0, worst):
         vector = s.to_vector()
         assert len(vector) == VECTOR_LENGTH and all(isinstance(v, float) for v in vector)
         assert MemorySample.from_vector(vector) == s
-    no_gpu_vector = fake_probe(tmp_path).sample().to_vector()
-    assert math.isnan(no_gpu_vector[-1]) and MemorySample.from_vector(no_gpu_vector).gpu_used == ()
+    no_gpu = MemorySample.from_vector(fake_probe(tmp_path).sample().to_vector())
+    assert no_gpu.gpu_total is None and no_gpu.gpu_pressure is None
 
 
 def test_real_sample_on_this_machine_is_plausible():
@@ -213,7 +216,7 @@ def test_real_sample_on_this_machine_is_plausible():
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="expects a machine without a GPU")
 def test_real_sample_on_a_machine_without_a_gpu_says_so():
     s = MemoryProbe().sample(step=3)
-    assert s.gpu_used == () and s.gpu_used_fraction is None and s.torch_allocated is None
+    assert s.gpu_total is None and s.gpu_pressure is None and s.torch_allocated is None
     assert "no GPU" in s.describe()
 
 

@@ -43,12 +43,17 @@ class FitReport:
     line: str  # the one line printed or raised
 
 
-def machine_capacity(cfg: RunConfig, probe=None) -> Capacity:
+def machine_capacity(cfg: RunConfig, probe=None, on_device: bool = False) -> Capacity:
     """job_available (the least of host, cgroup, Slurm and budget headroom) plus what the calling process holds:
-    its memory is part of what the run will use (a rank) or is given back (the estimate command)."""
+    its memory is part of what the run will use (a rank) or is given back (the estimate command).
+    GPU: `on_device` (a training rank, its device chosen): what its own device has for it now, free + its own
+    cache (another user's job may hold the rest); else (the estimate command) the smallest visible device's total,
+    read from device properties without creating a CUDA context on any device."""
+    from lowmem_train.trainer.memory.gpu import visible_gpu_totals
     from lowmem_train.trainer.memory.probe import MemoryProbe
+    from lowmem_train.trainer.memory.units import GpuReading
 
-    probe = probe or MemoryProbe.from_config(cfg.memory)
+    probe = probe or MemoryProbe.from_config(cfg.memory, **({} if on_device else {"read_gpu": GpuReading}))
     s = probe.sample(0)
     held = probe.ranks_on_node * s.tree_pss
     binding = min([("host available", s.host_available)]
@@ -56,13 +61,17 @@ def machine_capacity(cfg: RunConfig, probe=None) -> Capacity:
                   + [(name, lim - held) for name, lim in (("Slurm allocation", s.slurm_limit),
                                                            ("--memory.host_budget_gb", s.budget)) if lim],
                   key=lambda kv: kv[1])[0]
-    gpus = [t for t in s.gpu_total if t]
+    if s.gpu_total:
+        gpu = (s.gpu_free + (s.torch_reserved or 0)) if s.gpu_free is not None else s.gpu_total
+    else:
+        gpus = [] if on_device else visible_gpu_totals()
+        gpu = min(gpus) if gpus else None
     note = f"{binding}; host total {s.host_total / GB:.1f} GB"
     host = s.job_available + held
     for limit in (s.slurm_limit, s.budget):  # job_available is clamped at 0, so cap by the limit itself too
         if limit:
             host = min(host, limit)
-    return Capacity(host, note, min(gpus) if gpus else None, s.job_limit)
+    return Capacity(host, note, gpu, s.job_limit)
 
 
 def fits(est: Estimate, cap: Capacity, headroom: int = 0) -> bool:
@@ -125,12 +134,13 @@ def plan_options(plan, start=None) -> str:
     return " ".join(options)
 
 
-def check_fits(cfg: RunConfig, world_size: int | None = None, plan=None, probe=None, agree=None) -> FitReport:
+def check_fits(cfg: RunConfig, world_size: int | None = None, plan=None, probe=None, agree=None,
+               on_device: bool = False) -> FitReport:
     """The check `train` runs first. Raises ConfigError (one line: needed vs available, what to change) when the
     run cannot fit, unless cfg.force. `agree(bad: float) -> float` (an all-reduce max) makes every rank decide
-    alike, so that no rank starts while another refuses."""
+    alike, so that no rank starts while another refuses. `on_device`: see machine_capacity."""
     est = estimate(cfg, world_size, plan)
-    cap = machine_capacity(cfg, probe)
+    cap = machine_capacity(cfg, probe, on_device)
     ok = fits(est, cap)
     if agree is not None:
         ok = not agree(0.0 if ok else 1.0)
@@ -138,7 +148,7 @@ def check_fits(cfg: RunConfig, world_size: int | None = None, plan=None, probe=N
     if est.engine.gpu:
         need += f" and {est.gpu_rank / GB:.2f} GB per GPU"
     have = f"{cap.host / GB:.2f} GB available ({cap.host_note})" + (
-        f" and {cap.gpu / GB:.1f} GB GPUs" if cap.gpu is not None else "")
+        f" and {cap.gpu / GB:.1f} GB on the GPU" if cap.gpu is not None else "")
     if ok:
         return FitReport(est, cap, True, f"memory check: {need}; {have}")
     better = recommend(cfg, est, cap)

@@ -134,22 +134,23 @@ def model_shape(cfg: RunConfig) -> ModelShape:
 
 def resolve_engine(cfg: RunConfig, world_size: int | None = None) -> Engine:
     """The DeepSpeed config exactly as backend.choose_ds_config_path picks it (world size from the launcher
-    or `world_size`), and the precision as backend.choose_precision picks it."""
+    or `world_size`), and the precision as backend.precision_for_this_rank picks it."""
     import json
     import os
 
     import torch
 
-    from lowmem_train.trainer.backend import choose_ds_config_path, choose_precision, launched_world_size
+    from lowmem_train.trainer.backend import choose_ds_config_path, launched_world_size, precision_for_this_rank
 
     world = world_size or launched_world_size()
     path = choose_ds_config_path(cfg, world)
     zero = json.loads(path.read_text()).get("zero_optimization", {}) if path else {}
     local = os.environ.get("LOCAL_WORLD_SIZE", "")
     gpu = torch.cuda.is_available()
+    precision = precision_for_this_rank(cfg.mixed_precision, gpu)
     return Engine(path, int(zero.get("stage", 0)) if path else 0,
                   zero.get("offload_optimizer", {}).get("device") == "cpu",
-                  zero.get("offload_param", {}).get("device") == "cpu", choose_precision(cfg.mixed_precision), world,
+                  zero.get("offload_param", {}).get("device") == "cpu", precision, world,
                   int(local) if local.isdigit() else world, gpu)  # not launched: one machine assumed
 
 

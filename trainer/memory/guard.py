@@ -26,8 +26,6 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model.build import gradient_checkpointing_active, set_gradient_checkpointing
 from lowmem_train.trainer import distributed
@@ -133,10 +131,12 @@ class MemoryGuard:
             return
         numbers = {"host_available_gb": s.host_available / GB, "job_available_gb": s.job_available / GB,
                    "swap_used_gb": s.swap_used / GB, "tree_pss_gb": s.tree_pss / GB}
-        if s.gpu_used:
-            numbers.update({"gpu_used_gb": max(s.gpu_used) / GB, "gpu_used_fraction": s.gpu_used_fraction})
-        if s.torch_max_allocated is not None:
-            numbers["torch_peak_gb"] = s.torch_max_allocated / GB
+        if s.gpu_total:
+            numbers.update({"gpu_total_gb": s.gpu_total / GB, "gpu_pressure": s.gpu_pressure})
+            for key, value in (("gpu_free_gb", s.gpu_free), ("gpu_used_gb", s.gpu_used),
+                               ("torch_reserved_gb", s.torch_reserved), ("torch_peak_gb", s.torch_max_allocated)):
+                if value is not None:
+                    numbers[key] = value / GB
         if s.step_peak is not None:
             numbers["step_peak_gb"] = s.step_peak / GB
         if s.shm_free is not None:
@@ -164,7 +164,7 @@ class MemoryGuard:
         """Any sample of this epoch with less than the headroom threshold available to the job (or a full GPU)."""
         m = self.cfg.memory
         return any(s.available_at_peak < Thresholds.of(m, s.job_limit).headroom
-                   or (s.gpu_used_fraction or 0) > m.gpu_low_fraction for s in self.samples)
+                   or (s.gpu_pressure or 0) > m.gpu_low_fraction for s in self.samples)
 
     def on_oom(self, step: int) -> Plan:
         """All ranks hit this together (step.py agrees first): shrink the compute plan or give up."""
@@ -224,9 +224,10 @@ class MemoryGuard:
         decision = decide([self.gather_worst(self.sample(step))], self.plan, self.cfg.memory,
                           self.backend.world_size, self.policy, self.batch_bytes)
         # Before training only shrinks, and is not a decision of the run: growing back here would count a resume
-        # as a calm epoch and change the plan an exact resume must continue with.
+        # as a calm epoch and change the plan an exact resume must continue with. Nor is it judged by its effect:
+        # the peak it was taken at holds no step yet (nothing trained), so every later peak would read as a loss.
         if decision.changed and not grows(self.plan, decision.plan):
-            self.adopt(decision, "before training", step)
+            self.adopt(replace(decision, state=replace(decision.state, last_change=None)), "before training", step)
 
     def adopt(self, decision: Decision, when: str, step: int) -> None:
         old = self.plan
@@ -234,6 +235,8 @@ class MemoryGuard:
         if _loader_part(old) != _loader_part(self.plan):
             self.loader_changed = True
         self.apply_compute(self.plan)
+        if self.plan.micro_batch < old.micro_batch or (self.plan.gradient_checkpointing and not old.gradient_checkpointing):
+            self.release_cached_memory()  # the memory the shrink frees goes back, and its effect is measured afresh
         self.note_effect(decision.effect, step)
         log.warning("memory plan %s: %s -> %s", when, decision.reason, self.plan.describe())
         self.journal_line({"kind": "plan", "step": step, "time": time.time(), "when": when, "reason": decision.reason,
@@ -265,9 +268,9 @@ class MemoryGuard:
         return changed
 
     def release_cached_memory(self) -> None:
-        if torch.cuda.is_available():  # pynvml counts torch's cache as used: without this, every later
-            torch.cuda.empty_cache()  # decision would see the memory the shrink just freed as still taken
-            torch.cuda.reset_peak_memory_stats()
+        """After an out-of-memory error or a compute shrink: what the allocator caches goes back to the driver (other
+        processes on a shared GPU may need it; nvidia-smi stops showing the old peak), and the peak starts over."""
+        self.probe.release_gpu_cache()
 
 
 OOM_PLAN_FILE = "oom_plan.json"

@@ -4,7 +4,9 @@ thresholds, state) to a decision; no I/O, no torch, no globals, nothing that rea
 Thresholds scale with the job: each host threshold is the smaller of its absolute setting and a fraction of the
 job's limit (the tightest of host, cgroup, Slurm and budget), so a 1.4 GB budget gets margins of tens of MB, not
 the 0.75 / 2 / 4 GB a large host wants. Memory is judged at its peak (MemorySample.available_at_peak): what a
-limit sees at the worst moment of a step, not what is left between steps.
+limit sees at the worst moment of a step, not what is left between steps. On a GPU the signal is this rank's own
+device only: its peak allocation against what it could have, free + its own cache (MemorySample.gpu_pressure);
+other users' GPUs and our allocator's cache are not pressure.
 
   at an epoch end   decide(): host pressure sheds the loader one step; a CPU run (its activations live in host
                     RAM) shrinks compute once the loader is lean; GPU pressure shrinks compute; after
@@ -47,16 +49,18 @@ class Thresholds:
     low: int
     headroom: int
     min_saving: int
+    gpu_min_saving: int  # the same judgement of a change made for GPU pressure, scaled by the GPU's size
 
     @classmethod
-    def of(cls, cfg: MemoryConfig, job_limit: int | None) -> "Thresholds":
-        def scaled(gb: float, fraction: float) -> int:
-            return int(gb * GB) if not job_limit else min(int(gb * GB), int(fraction * job_limit))
+    def of(cls, cfg: MemoryConfig, job_limit: int | None, gpu_total: int | None = None) -> "Thresholds":
+        def scaled(gb: float, fraction: float, limit: int | None = job_limit) -> int:
+            return int(gb * GB) if not limit else min(int(gb * GB), int(fraction * limit))
 
         return cls(scaled(cfg.host_emergency_gb, cfg.host_emergency_fraction),
                    scaled(cfg.host_low_gb, cfg.host_low_fraction),
                    scaled(cfg.host_headroom_gb, cfg.host_headroom_fraction),
-                   scaled(cfg.min_saving_gb, cfg.min_saving_fraction))
+                   scaled(cfg.min_saving_gb, cfg.min_saving_fraction),
+                   scaled(cfg.min_saving_gb, cfg.min_saving_fraction, gpu_total))
 
 
 @dataclass(frozen=True)
@@ -131,12 +135,13 @@ def judge(fresh: Sequence[MemorySample], plan: Plan, state: PolicyState,
         return state, "", None
     saved = change["before_peak"] - max(after)
     effect = f"{change['what']} saved {size_text(saved) if saved >= 0 else '-' + size_text(-saved)} of peak"
-    if change["kind"] != "compute" or saved >= t.min_saving:
+    enough = t.gpu_min_saving if change["resource"] == "gpu" else t.min_saving
+    if change["kind"] != "compute" or saved >= enough:
         return state, effect, None
     undo = Plan.from_state_dict(change["undo"])
     back = replace(plan, micro_batch=undo.micro_batch, grad_accum=undo.grad_accum,
                    gradient_checkpointing=undo.gradient_checkpointing)
-    return replace(state, futile_compute=True), f"{effect} < {size_text(t.min_saving)}: undone", back
+    return replace(state, futile_compute=True), f"{effect} < {size_text(enough)}: undone", back
 
 
 def pressure_reasons(worst: MemorySample, cfg: MemoryConfig, t: Thresholds) -> tuple[str, str]:
@@ -146,9 +151,9 @@ def pressure_reasons(worst: MemorySample, cfg: MemoryConfig, t: Thresholds) -> t
         host = f"job available {gb_text(worst.available_at_peak, 2)} at peak < {gb_text(t.low, 2)}"
     elif worst.swapped_out is not None and worst.swapped_out > cfg.swap_growth_mb * MB:
         host = f"swap grew {worst.swapped_out / MB:.0f} MB in one probe > {cfg.swap_growth_mb:.0f} MB"
-    fraction = worst.gpu_used_fraction
+    fraction = worst.gpu_pressure
     high = fraction is not None and fraction > cfg.gpu_high_fraction
-    gpu = f"GPU used {fraction:.0%} > {cfg.gpu_high_fraction:.0%}" if high else ""
+    gpu = f"GPU peak {fraction:.0%} of the memory this rank can have > {cfg.gpu_high_fraction:.0%}" if high else ""
     return host, gpu
 
 
@@ -166,7 +171,7 @@ def decide(samples: Sequence[MemorySample], plan: Plan, cfg: MemoryConfig, world
         capped = replace(plan, num_workers=min(plan.num_workers, cfg.max_num_workers))
         return Decision(capped, state, f"no new memory samples: {capped.describe()}", capped != plan)
     worst = MemorySample.worst(fresh)
-    t = Thresholds.of(cfg, worst.job_limit)
+    t = Thresholds.of(cfg, worst.job_limit, worst.gpu_total)
     state, effect, undo = judge(fresh, plan, state, t)
     if undo is not None:
         return Decision(undo, state.after_shrink("", worst.step), effect, True, effect)
@@ -178,7 +183,7 @@ def decide(samples: Sequence[MemorySample], plan: Plan, cfg: MemoryConfig, world
         notes.append(f"{gpu}: {shrunk[1] if shrunk else 'nothing left to shrink'}")
     if host:
         shed = shed_loader(new)
-        cpu_run = worst.gpu_used_fraction is None and not gpu  # activations in host RAM
+        cpu_run = worst.gpu_pressure is None and not gpu  # activations in host RAM
         if shed is None and cpu_run and not state.futile_compute:
             shed, kind = shrink_compute(new), "compute"
         new = shed[0] if shed else new
@@ -195,9 +200,9 @@ def decide(samples: Sequence[MemorySample], plan: Plan, cfg: MemoryConfig, world
         if new != plan:
             state = state.changed(kind, "; ".join(notes).rsplit(": ", 1)[-1], plan, worst, resource)
         return Decision(new, state, "; ".join(notes), new != plan, effect)
-    fraction = worst.gpu_used_fraction
+    fraction = worst.gpu_pressure
     calm = worst.available_at_peak > t.headroom and (fraction is None or fraction < cfg.gpu_low_fraction)
-    gpu_text = "no GPU" if fraction is None else f"GPU {fraction:.0%}"
+    gpu_text = "no GPU" if fraction is None else f"GPU peak {fraction:.0%}"
     if not calm:
         return Decision(plan, replace(state, calm_decisions=0),
                         f"available {gb_text(worst.available_at_peak)}, {gpu_text}: between thresholds, plan kept",
@@ -231,7 +236,7 @@ def emergency(sample: MemorySample, plan: Plan, cfg: MemoryConfig,
         why = f"/dev/shm has {size_text(sample.shm_free)} free: workers {plan.num_workers} -> {room} now"
         new_state = None if state is None else state.after_shrink(why, sample.step)
         return Decision(replace(plan, num_workers=room), new_state, why, True)
-    t = Thresholds.of(cfg, sample.job_limit)
+    t = Thresholds.of(cfg, sample.job_limit, sample.gpu_total)
     effect = ""
     if state is not None:
         state, effect, undo = judge([sample], plan, state, t)
@@ -245,7 +250,7 @@ def emergency(sample: MemorySample, plan: Plan, cfg: MemoryConfig,
         step = (replace(plan, num_workers=0), f"workers {plan.num_workers} -> 0 now")
     elif plan.pin_memory:
         step = (replace(plan, pin_memory=False), "pin_memory off now")
-    elif sample.gpu_used_fraction is None and not (state is not None and state.futile_compute):
+    elif sample.gpu_pressure is None and not (state is not None and state.futile_compute):
         step, kind = shrink_compute(plan), "compute"  # CPU training: the micro-batch's activations are in host RAM
     else:
         step = None

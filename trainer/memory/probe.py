@@ -2,7 +2,8 @@
 
 Every file the probe reads (/proc, /sys/fs/cgroup) is read below one `root` directory and the environment comes
 from a mapping, so tests build fake cgroup v1/v2 trees in a temporary folder. GPU numbers come from one
-injectable callable, `read_gpu`. All sizes are bytes; a field is None when that figure does not exist here.
+injectable callable, `read_gpu`: by default this rank's own device (gpu.py), opened at the first sample, once the
+device is chosen. All sizes are bytes; a field is None when that figure does not exist here.
 
 Cost, measured on a 2-core VM with torch loaded: ~0.2 ms per sample (0.2% of a 100 ms step, and a sample is taken
 every probe_every steps). The only expensive figure is PSS: the kernel walks page tables for it (~9 ms for a 430 MB
@@ -32,49 +33,6 @@ UNLIMITED_AT = 1 << 60  # cgroup v1 says "no limit" with 9223372036854771712 (a 
 PAGE_SIZE = resource.getpagesize()
 
 
-class SystemGpuReader:
-    """The default `read_gpu`: pynvml per visible device and torch.cuda of the current device, initialised once."""
-
-    def __init__(self, environ: Mapping[str, str]):
-        self._nvml, self._handles, self._cuda = None, [], None
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-            count = pynvml.nvmlDeviceGetCount()
-            names = environ.get("CUDA_VISIBLE_DEVICES")
-            visible = [v.strip() for v in names.split(",") if v.strip()] if names is not None else None
-            # Plain indices map to NVML indices; with GPU-<uuid> names (or none set) every device is read, and an
-            # empty CUDA_VISIBLE_DEVICES (a CPU job on a GPU node) reads none.
-            mapped = visible is not None and all(v.isdigit() for v in visible)
-            self._handles = [pynvml.nvmlDeviceGetHandleByIndex(i)
-                             for i in ([int(v) for v in visible] if mapped else range(count)) if i < count]
-            self._nvml = pynvml
-        except Exception:  # noqa: BLE001 - no pynvml, or any NVMLError (LibraryNotFound without a driver): no GPU
-            self._handles = []
-        try:
-            import torch
-
-            self._cuda = torch.cuda if torch.cuda.is_available() else None
-        except ImportError:
-            pass
-
-    def __call__(self) -> GpuReading:
-        try:
-            infos = [self._nvml.nvmlDeviceGetMemoryInfo(handle) for handle in self._handles]
-            used, total = [int(i.used) for i in infos], [int(i.total) for i in infos]
-        except Exception:  # noqa: BLE001 - a GPU that fell off the bus reads as "no figure", not a crash
-            used, total = [], []
-        if self._cuda is None:
-            return GpuReading(tuple(used), tuple(total))
-        if not total:  # no NVML but CUDA works: cudaMemGetInfo of the current device
-            free, whole = self._cuda.mem_get_info()
-            used, total = [whole - free], [whole]
-        cuda = self._cuda
-        return GpuReading(tuple(used), tuple(total), cuda.memory_allocated(), cuda.memory_reserved(),
-                          cuda.max_memory_allocated())
-
-
 class MemoryProbe:
     """Call `sample(step)` every few steps; cheap enough for every step (see module docstring)."""
 
@@ -92,7 +50,9 @@ class MemoryProbe:
         # alike, so the machine's use is taken as local ranks x this tree.
         local = environ.get("LOCAL_WORLD_SIZE", "")
         self.ranks_on_node = int(local) if local.isdigit() and int(local) > 0 else 1
-        self.read_gpu = read_gpu if read_gpu is not None else SystemGpuReader(environ)
+        self.read_gpu = read_gpu if read_gpu is not None else self._own_gpu
+        self._gpu = None  # gpu.OwnGpu, opened by the first sample that reads it
+        self._gpu_is_ours = read_gpu is None
         self.cgroup_levels = find_cgroup_levels(self.root)
         self.pss_refresh_seconds = pss_refresh_seconds
         self._pss_at_refresh: dict[int, tuple[int, int]] = {}  # pid -> (pss, rss) when PSS was last read
@@ -104,14 +64,17 @@ class MemoryProbe:
         """A probe with the budget of a MemoryConfig (host_budget_gb)."""
         return cls(budget_bytes=int(memory_cfg.host_budget_gb * GB), **kwargs)
 
-    def sample(self, step: int = 0) -> MemorySample:
+    def sample(self, step: int = 0, reset_peaks: bool = True) -> MemorySample:
+        """One reading. The step peaks (host high-water mark, GPU allocator peak) cover the time since the previous
+        reading and start over after it; `reset_peaks=False` reads them without consuming them (a snapshot between
+        two samples of the guard)."""
         host_total, host_available, swap_used, swap_in, swap_out = self._host()
         now, last = time.monotonic(), self._last_swap
         self._last_swap = (now, swap_in, swap_out)
         elapsed = max(now - last[0], 1e-9) if last else 0.0
         tree_pss, tree_rss, processes = self._tree_memory()
-        rise = self._rise_to_peak()  # read before anything below allocates
-        gpu = self.read_gpu()
+        rise = self._rise_to_peak(reset_peaks)  # read before anything below allocates
+        gpu = self.read_gpu() if reset_peaks or not self._gpu_is_ours else self._open_gpu().read(reset_peak=False)
         readings = [level.read() for level in self.cgroup_levels]
         limited = [(limit, usage) for limit, usage in readings if limit is not None]
         # The level with the least headroom binds; without a limit, the own group's usage is still reported.
@@ -130,17 +93,34 @@ class MemoryProbe:
             swapped_out=swap_out - last[2] if last else None, tree_pss=tree_pss, tree_rss=tree_rss,
             tree_processes=processes, cgroup_limit=cgroup_limit, cgroup_usage=cgroup_usage,
             slurm_limit=self.slurm_limit, budget=self.budget, job_available=max(0, min(headrooms)),
-            job_limit=min(limits) if limits else None, gpu_used=gpu.used, gpu_total=gpu.total,
-            torch_allocated=gpu.torch_allocated, torch_reserved=gpu.torch_reserved,
-            torch_max_allocated=gpu.torch_max_allocated, step_peak=tree_pss + rise,
+            job_limit=min(limits) if limits else None, gpu_total=gpu.total, gpu_free=gpu.free, gpu_used=gpu.used,
+            torch_allocated=gpu.allocated, torch_reserved=gpu.reserved, torch_max_allocated=gpu.peak,
+            step_peak=tree_pss + rise,
             job_available_at_peak=max(0, at_peak), shm_free=self._shm_free(),
         )
 
-    def _rise_to_peak(self) -> int:
+    def _open_gpu(self):
+        if self._gpu is None:
+            from lowmem_train.trainer.memory.gpu import OwnGpu
+
+            self._gpu = OwnGpu()
+        return self._gpu
+
+    def _own_gpu(self) -> GpuReading:
+        return self._open_gpu().read()
+
+    def release_gpu_cache(self) -> None:
+        """After a shrink: the allocator's unused cache back to the driver, and a new peak (gpu.OwnGpu)."""
+        if self._gpu_is_ours:
+            self._open_gpu().release_cache()
+
+    def _rise_to_peak(self, reset: bool = True) -> int:
         """How far above its present RSS this process went since the last call (its high-water mark, VmHWM), which
         is then reset (Linux: writing 5 to clear_refs). Samples between steps miss what a step allocates and frees:
         activations, the optimizer step's temporaries; the high-water mark holds it."""
         status = read_fields(f"{self._proc}/{self.pid}/status", (b"VmHWM:", b"VmRSS:"), scale=1024)
+        if not reset:
+            return max(0, status.get(b"VmHWM:", 0) - status.get(b"VmRSS:", 0))
         try:
             with open(f"{self._proc}/{self.pid}/clear_refs", "w") as f:
                 f.write("5")

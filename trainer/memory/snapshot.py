@@ -3,10 +3,11 @@
     parts     weights, gradients, optimizer state: the bytes of the tensors the model and optimizer hold, each
               storage counted once (ZeRO's parameters are views into flat buffers; a master copy's .grad is a
               gradient); DataLoader workers: PSS of this process's children (host only)
-    total     host: PSS of this process tree (the probe's figure); GPU: torch.cuda.memory_allocated
+    total     host: PSS of this process tree (the probe's figure); GPU: torch's allocated memory on this rank's device
     rest      activations/other = total - the parts: on the host that also holds the interpreter and libraries
               (~0.3 GB, footprint.RANK_BASELINE, left out when judging it); between steps it holds no activations
-    peak      host: the largest tree PSS of the samples the guard took (pass them), GPU: max_memory_allocated;
+    peak      host: the largest tree PSS of the samples the guard took (pass them), GPU: their largest allocator peak
+              and the peak since the last of them (read without resetting it: the guard's next sample needs it);
               the peak's parts are the current ones with gradients at full size, the rest is activations/other
 
 The optimizer is searched generically (a few levels of wrappers, their tensor attributes, the inner torch
@@ -161,15 +162,16 @@ def memory_snapshot(model: torch.nn.Module, optimizer, backend=None, probe: Memo
     grad_full = {w: sum(p.numel() * p.element_size() for p in model.parameters()
                         if p.requires_grad and (p.device.type == "cuda") == (w == "gpu")) for w in ("host", "gpu")}
     probe = probe or MemoryProbe()
-    now = probe.sample(step)
+    now = probe.sample(step, reset_peaks=False)  # the guard's next sample still sees the peaks since its last one
     workers = max(0, now.tree_pss - process_pss()) if now.tree_processes > 1 else 0
     host_measured = {part: tally.get("host", part) for part in PARTS} | {WORKERS: workers}
     host_peak = max([now.tree_pss] + [s.tree_pss for s in samples])
     grad_host = grad_full["host"] if not tally.get("host", "gradients") else 0
     pools = [_pool("host", now.tree_pss, host_peak, host_measured, grad_host)]
-    if torch.cuda.is_available():
+    if now.gpu_total:
         gpu_measured = {part: tally.get("gpu", part) for part in PARTS}
-        pools.append(_pool("gpu", torch.cuda.memory_allocated(), torch.cuda.max_memory_allocated(), gpu_measured,
+        gpu_peak = max(p for p in [now.torch_max_allocated or 0] + [s.torch_max_allocated for s in samples] if p is not None)
+        pools.append(_pool("gpu", now.torch_allocated or 0, gpu_peak, gpu_measured,
                            grad_full["gpu"] if not tally.get("gpu", "gradients") else 0))
     rank = backend.rank if backend is not None else 0
     snap = Snapshot(step, rank, pools)

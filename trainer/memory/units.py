@@ -17,13 +17,14 @@ KB = 1 << 10
 
 @dataclass(frozen=True)
 class GpuReading:
-    """What `read_gpu` returns: pynvml used/total per visible device, torch.cuda figures of the current device."""
+    """What gpu.OwnGpu.read returns about this rank's own device (all None without a GPU; see gpu.py)."""
 
-    used: tuple[int, ...] = ()
-    total: tuple[int, ...] = ()
-    torch_allocated: int | None = None
-    torch_reserved: int | None = None
-    torch_max_allocated: int | None = None
+    total: int | None = None
+    free: int | None = None  # free on the device: what every process, ours included, left
+    used: int | None = None  # NVML's used (nvidia-smi's figure), None without NVML
+    allocated: int | None = None  # torch's live tensors in this process
+    reserved: int | None = None  # ... plus the allocator's cached blocks
+    peak: int | None = None  # most allocated since the previous reading
 
 
 @dataclass(frozen=True)
@@ -47,20 +48,27 @@ class MemorySample:
     budget: int | None
     job_available: int  # what the job may still use here: the least headroom of host, cgroup, Slurm, budget
     job_limit: int | None
-    gpu_used: tuple[int, ...] = ()  # per visible device
-    gpu_total: tuple[int, ...] = ()
-    torch_allocated: int | None = None  # current device
-    torch_reserved: int | None = None
-    torch_max_allocated: int | None = None
+    gpu_total: int | None = None  # this rank's own device (gpu.py), never another one
+    gpu_free: int | None = None  # free on that device: what every process, ours included, left
+    gpu_used: int | None = None  # NVML's used on it (nvidia-smi's figure; counts our cache and other processes)
+    torch_allocated: int | None = None  # this process's live tensors on it
+    torch_reserved: int | None = None  # ... plus its allocator's cache
+    torch_max_allocated: int | None = None  # the most allocated since the previous sample (the GPU step peak)
     step_peak: int | None = None  # the tree's peak since the previous sample (this process's high-water mark)
     job_available_at_peak: int | None = None  # job_available at that peak: what a limit saw at the worst moment
     shm_free: int | None = None  # free bytes in /dev/shm, where DataLoader workers hand batches over
 
     @property
-    def gpu_used_fraction(self) -> float | None:
-        """Used / total of the fullest GPU, or None without a GPU."""
-        fractions = [u / t for u, t in zip(self.gpu_used, self.gpu_total) if t > 0]
-        return max(fractions) if fractions else None
+    def gpu_pressure(self) -> float | None:
+        """This rank's GPU demand against what it could have: peak allocated / (free + reserved). Our allocator's
+        cache is ours to reuse, so it is not pressure; other processes and our CUDA context are. None without a GPU.
+        Without torch's figures (a reading of NVML alone): used / total."""
+        if not self.gpu_total:
+            return None
+        if self.torch_max_allocated is None or self.torch_reserved is None or self.gpu_free is None:
+            return None if self.gpu_used is None else self.gpu_used / self.gpu_total
+        room = self.gpu_free + self.torch_reserved
+        return self.torch_max_allocated / room if room > 0 else 1.0
 
     @property
     def available_at_peak(self) -> int:
@@ -68,16 +76,17 @@ class MemorySample:
         return self.job_available if self.job_available_at_peak is None else self.job_available_at_peak
 
     def describe(self) -> str:
-        gpu = self.gpu_used_fraction
+        gpu = self.gpu_pressure
         return (f"step {self.step}: job available {self.job_available / GB:.1f} GB"
                 + (f" of {self.job_limit / GB:.1f} GB" if self.job_limit else "")
                 + f", tree PSS {self.tree_pss / GB:.2f} GB in {self.tree_processes} process(es)"
                 + f", swap out {(self.swap_out_rate or 0) / MB:.1f} MB/s"
-                + (f", GPU {gpu:.0%}" if gpu is not None else ", no GPU"))
+                + (f", GPU peak {gpu:.0%} of what this rank can have" if gpu is not None else ", no GPU"))
 
     @classmethod
     def worst(cls, samples: Sequence[MemorySample]) -> MemorySample:
-        """The worst case of several ranks (or several moments): least available, most used, fullest GPU."""
+        """The worst case of several ranks (or several moments): least available, most used; the GPU figures all
+        come from the sample whose GPU is under the most pressure (they describe one device together)."""
         if not samples:
             raise ValueError("MemorySample.worst needs at least one sample")
 
@@ -88,38 +97,26 @@ class MemorySample:
         lowest = ("host_total", "host_available", "cgroup_limit", "slurm_limit", "budget", "job_available", "job_limit",
                   "job_available_at_peak", "shm_free")
         values = {f.name: pick(f.name, min if f.name in lowest else max) for f in fields(cls)
-                  if f.name not in ("gpu_used", "gpu_total")}
-        fullest = max(samples, key=lambda s: -1.0 if s.gpu_used_fraction is None else s.gpu_used_fraction)
-        return cls(**values, **fullest._fullest_gpu())
-
-    def _fullest_gpu(self) -> dict[str, tuple[int, ...]]:
-        """The GPU fields reduced to the fullest device (what the policy needs, and a fixed width for a vector)."""
-        if self.gpu_used_fraction is None:
-            return {"gpu_used": (), "gpu_total": ()}
-        used, total = max(zip(self.gpu_used, self.gpu_total), key=lambda ut: ut[0] / ut[1] if ut[1] else -1.0)
-        return {"gpu_used": (used,), "gpu_total": (total,)}
+                  if f.name not in GPU_FIELDS}
+        tightest = max(samples, key=lambda s: -1.0 if s.gpu_pressure is None else s.gpu_pressure)
+        return cls(**values, **{name: getattr(tightest, name) for name in GPU_FIELDS})
 
     def to_vector(self) -> list[float]:
-        """Flat floats (NaN = absent) to all-gather as one float64 tensor; the GPUs shrink to the fullest device."""
-        scalars = [getattr(self, name) for name in _SCALAR_FIELDS]
-        gpu = self._fullest_gpu()
-        scalars += [gpu["gpu_used"][0], gpu["gpu_total"][0]] if gpu["gpu_used"] else [None, None]
-        return [math.nan if v is None else float(v) for v in scalars]
+        """Flat floats (NaN = absent) to all-gather as one float64 tensor."""
+        return [math.nan if v is None else float(v) for v in (getattr(self, name) for name in _SCALAR_FIELDS)]
 
     @classmethod
     def from_vector(cls, vector: Sequence[float]) -> MemorySample:
         if len(vector) != VECTOR_LENGTH:
             raise ValueError(f"a memory sample vector has {VECTOR_LENGTH} numbers, got {len(vector)}")
         floats = {"time", "swap_in_rate", "swap_out_rate"}
-        values = {name: None if math.isnan(v) else (float(v) if name in floats else int(round(v)))
-                  for name, v in zip(_SCALAR_FIELDS, vector)}
-        used, total = vector[-2:]
-        gpu = {} if math.isnan(used) else {"gpu_used": (int(round(used)),), "gpu_total": (int(round(total)),)}
-        return cls(**values, **gpu)
+        return cls(**{name: None if math.isnan(v) else (float(v) if name in floats else int(round(v)))
+                      for name, v in zip(_SCALAR_FIELDS, vector)})
 
 
-_SCALAR_FIELDS = tuple(f.name for f in fields(MemorySample) if f.name not in ("gpu_used", "gpu_total"))
-VECTOR_LENGTH = len(_SCALAR_FIELDS) + 2
+GPU_FIELDS = ("gpu_total", "gpu_free", "gpu_used", "torch_allocated", "torch_reserved", "torch_max_allocated")
+_SCALAR_FIELDS = tuple(f.name for f in fields(MemorySample))
+VECTOR_LENGTH = len(_SCALAR_FIELDS)
 
 
 def gb_text(n: float, digits: int = 1) -> str:
