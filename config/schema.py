@@ -100,6 +100,8 @@ class RunConfig:
     flush_denormal: bool = True
     """On the CPU, compute with floats below 1.2e-38 as zero (FTZ/DAZ): near convergence such tiny gradients and
     optimizer moments slow CPU arithmetic several-fold (t5_tiny: 86 -> 142 ms a step). GPU kernels: no effect."""
+    cpu_threads: int = 0
+    """CPU threads per rank for torch and DeepSpeed's CPU Adam (0: OMP_NUM_THREADS if set above 1, else usable cores / processes on this machine)."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory (the memory guard may turn it on)."""
     seed: int = 23333
@@ -167,6 +169,7 @@ class RunConfig:
             "eval_steps": self.eval_steps,
             "patience": self.patience,
             "max_steps": self.max_steps,
+            "cpu_threads": self.cpu_threads,
             "data.num_workers": self.data.num_workers,
             "data.eval_max_samples": self.data.eval_max_samples,
             "model.num_decoder_layers": self.model.num_decoder_layers,

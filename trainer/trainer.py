@@ -18,12 +18,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 from lowmem_train.config.errors import ConfigError
 from lowmem_train.config.loader import save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
 from lowmem_train.model.build import build_model
-from lowmem_train.trainer import denormals, distributed, run_folder
+from lowmem_train.trainer import denormals, distributed, run_folder, threads
 from lowmem_train.trainer.backend import launched_world_size, make_backend, make_optimizer
 from lowmem_train.trainer.checkpoint import Checkpointer, needs_universal
 from lowmem_train.trainer.compat import full_numel
@@ -63,14 +65,14 @@ class Trainer:
         self.out = Path(cfg.output_dir)
         self.peers = None
         self.denormals_were_flushed: bool | None = None  # as found by setup (restored when fit ends)
+        self.threads_were: int | None = None  # torch's CPU threads as found by setup (restored when fit ends)
 
     # ---- the loop ----------------------------------------------------------------------------------------
     def fit(self) -> FitResult:
         try:
             self.setup()
         except BaseException as exc:
-            if self.denormals_were_flushed is not None:
-                denormals.restore(self.denormals_were_flushed)
+            self.restore_process_settings()
             # A user error is often seen by one rank alone (rank 0 checks the data first): the others hear why.
             if isinstance(exc, ConfigError) and self.peers is not None:
                 self.peers.done("user_error")
@@ -99,8 +101,7 @@ class Trainer:
             log.error("error: %s; restart with --is_keep_training=auto", self.guard.record_backward_oom(self.state.step))
             result = FitResult(self.state.step, self.last_eval, False, None, outcome="oom_in_backward")
         finally:
-            if self.denormals_were_flushed is not None:
-                denormals.restore(self.denormals_were_flushed)
+            self.restore_process_settings()
             self.stop.restore()
             self.snapshot_request.restore()
             self.run_log.close()
@@ -266,10 +267,21 @@ class Trainer:
                      "dropped" if dropped >= 0 else "repeated")
         self.stats = EncodeStats()
 
+    def restore_process_settings(self) -> None:
+        """Settings of the whole process that setup changed, as found (a caller that trains in-process, from a
+        notebook or a test, gets its process back as it was)."""
+        if self.denormals_were_flushed is not None:
+            denormals.restore(self.denormals_were_flushed)
+        if self.threads_were is not None:
+            torch.set_num_threads(self.threads_were)
+
     # ---- setup ---------------------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.cfg
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we parallelise with DataLoader workers
+        self.threads_were = torch.get_num_threads()
+        self.cpu_threads = threads.threads_per_rank(cfg.cpu_threads, os.environ, threads.usable_cores()[0])
+        threads.apply(self.cpu_threads[0])  # before the optimizer (CPU Adam) and the first parallel op
         if cfg.flush_denormal:  # before anything starts torch's thread pool
             self.denormals_were_flushed, denormal_warning = denormals.flush_denormals()
         else:
@@ -289,7 +301,8 @@ class Trainer:
         if self.on_peer_lost is not None:
             self.peers = distributed.PeerWatch.start(self.backend, cfg.peer_timeout_seconds, self.on_peer_lost)
         # Pre-flight: refuse a run that cannot fit before anything heavy exists (all ranks reach one verdict).
-        fit = check_fits(cfg, self.backend.world_size, plan, agree=lambda bad: distributed.agree_any(self.backend, bad))
+        fit = check_fits(cfg, self.backend.world_size, plan, agree=lambda bad: distributed.agree_any(self.backend, bad),
+                         on_device=True)
         (log.info if fit.fits else log.warning)("%s", fit.line)
         self.checkpointer.attach(self.backend)
         self.stop = StopSignal(self.backend)
@@ -352,8 +365,8 @@ class Trainer:
         engine = b.describe()
         where = f"{b.world_size} process(es) on {b.accelerator.device}" + (
             f" ({b.accelerator.distributed_type.name})" if b.world_size > 1 else "")
-        log.info("%s %s, %.2fM parameters; %s; %s; precision %s", cfg.model.type, cfg.output_dir, params / 1e6, where,
-                 engine, b.precision)
+        log.info("%s %s, %.2fM parameters; %s; %s; precision %s; %d CPU threads per rank (%s)", cfg.model.type,
+                 cfg.output_dir, params / 1e6, where, engine, b.precision, *self.cpu_threads)
         log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
                  "accumulation %d x %d processes); from epoch %d step %d", self.train_index.num_rows,
                  len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,

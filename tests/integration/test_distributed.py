@@ -21,8 +21,9 @@ def launch_recorded(options: list[str], port: int, env: dict | None = None, laun
     import subprocess
 
     cmd = (launcher or accelerate_launch("cpu_2proc_deepspeed.yaml", port)) + [str(script), *options]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}  # a None value: unset it
     return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+                          env={k: v for k, v in env.items() if v is not None})
 
 
 def load_records(out):
@@ -156,3 +157,26 @@ def test_a_mistake_seen_by_rank_0_alone_reads_as_one_user_error_on_2_processes(t
     assert not any("resume" in line or "lost another rank" in line for line in errors), errors
     status = json.loads((out / "exit_status.json").read_text())
     assert (status["outcome"], status["exit_code"]) == ("user_error", 2)
+
+
+def test_cpu_adam_runs_on_this_ranks_share_of_the_cores_not_the_launchers_one_thread(tiny_task, tmp_path,
+                                                                                     deepspeed_ops):
+    """`accelerate launch` without --cpu (and torchrun) give every rank OMP_NUM_THREADS=1 when it is unset; under
+    ZeRO-2 + CPU offload that made DeepSpeed's CPU Adam single-threaded. The optimizer step now runs with usable
+    cores / local processes threads, in torch and in the OpenMP runtime CPU Adam calls. On this 2-core machine two
+    ranks get 1 each either way, so one rank is launched with the 1 those launchers write (an accelerate launch of
+    one process leaves the variable unset)."""
+    import psutil
+
+    launcher = accelerate_launch("cpu_2proc_deepspeed.yaml", 29761) + ["--num_processes", "1"]
+    out = tmp_path / "threads"
+    run = launch_recorded([*task_options(tiny_task, out), *TINY_MODEL, "--max_steps=2", "--batch_size_per_gpu=8",
+                           "--save_steps=1000", "--validation_file=", "--deepspeed_config=zero2_offload"], 0,
+                          env={"OMP_NUM_THREADS": "1"}, launcher=launcher)
+    assert run.returncode == 0, run.stderr[-3000:]
+    cores = len(psutil.Process().cpu_affinity())
+    assert cores > 1, "needs a machine with 2+ cores"
+    record = torch.load(out / "record_rank0.pt", weights_only=False)
+    assert set(record["threads"]) == {(cores, cores)}  # torch's and OpenMP's, in every step
+    assert f"{cores} CPU threads per rank ({cores} usable cores / 1 process(es) on this machine)" in run.stderr
+

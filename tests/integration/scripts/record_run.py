@@ -1,5 +1,6 @@
 """Run the real Trainer with the real CLI options, and record per rank what a test needs to check:
-the global sample positions each step consumed, the loss of each step, and the final weights.
+the global sample positions each step consumed, the loss of each step, the final weights, and the CPU threads
+the step ran with (torch's, and OpenMP's for this thread: what DeepSpeed's CPU Adam uses).
 
     [accelerate launch ...] record_run.py --output_dir OUT [train options...]
 writes OUT/record_rank{R}.pt on every rank.
@@ -21,15 +22,24 @@ from lowmem_train.trainer.run_log import setup_logging
 from train_low_mem import build_parser
 
 
+def openmp_threads() -> int:
+    """omp_get_max_threads() of the OpenMP runtime torch ships (CPU Adam calls the same one), in this thread."""
+    import ctypes
+
+    runtime = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    return ctypes.CDLL(str(runtime[0])).omp_get_max_threads() if runtime else -1
+
+
 class RecordingTrainer(trainer_module.Trainer):
     def setup(self) -> None:
         super().setup()
-        self.record = {"steps": [], "losses": []}
+        self.record = {"steps": [], "losses": [], "threads": []}
         original = trainer_module.train_step
 
         def recording_step(*args, **kwargs):
             result = original(*args, **kwargs)
             self.record["losses"].append((self.state.step, result.loss))
+            self.record["threads"].append((torch.get_num_threads(), openmp_threads()))
             return result
 
         trainer_module.train_step = recording_step
