@@ -9,7 +9,8 @@ entrypoint reads the file back:
     3  out of memory after every retry (a checkpoint is saved)        after freeing memory or on a bigger node
     4  out of disk for a checkpoint (--low_disk=stop)                 after freeing disk
     5  lost another rank (its node died, the network failed)          yes: it resumes from the last checkpoint
-    6  out of memory in a backward pass (the smaller plan is recorded) yes: it resumes with that plan
+    6  out of memory where the step cannot be redone in place          yes: it resumes with the smaller plan
+       (a backward pass; a ZeRO-3 forward pass; NCCL's buffers)
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def run(args, cfg) -> int:
     from lowmem_train.commands.main import is_main_process, say_error
     from lowmem_train.config.errors import ConfigError, first_line
     from lowmem_train.trainer.checkpoint import OutOfDisk
-    from lowmem_train.trainer.distributed import is_lost_peer_error, leave_process_group
+    from lowmem_train.trainer.distributed import (classify_collective_error, leave_process_group,
+                                                  misconfiguration_hint)
     from lowmem_train.trainer.trainer import Trainer
 
     out = Path(cfg.output_dir)
@@ -85,12 +87,20 @@ def run(args, cfg) -> int:
     except OutOfDisk as exc:
         say_error(str(exc))
         return write_status(out, "out_of_disk", str(exc))
-    except RuntimeError as exc:  # a collective failed because the rank at its other end is gone
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and is_lost_peer_error(exc):
+    except RuntimeError as exc:  # a collective failed: what NCCL / gloo say decides what it means
+        kind = classify_collective_error(exc) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None
+        if kind == "lost_peer":
             why = trainer.peers.announced() if trainer.peers is not None else None
             peer_lost(f"rank stopped: {why}" if why else f"lost another rank ({first_line(exc)[:160]})", why)
+        if kind == "misconfigured":  # a restart would fail the same way: a user error, not "lost a peer"
+            message = f"the process group failed: {misconfiguration_hint(exc)} ({first_line(exc)[:160]})"
+            say_error(message, every_rank=True)
+            code = user_error_status(message)
+            logging.shutdown()
+            os._exit(code)  # the others may wait in a collective with this rank
         raise
-    if result.outcome == "oom_in_backward":  # the rank that failed; the others may be stuck in a collective
+    if result.outcome == "oom_in_backward":  # the rank that failed (backward, a ZeRO-3 forward, NCCL's buffers); the
+        # others may be stuck in a collective
         code = write_status(out, result.outcome, "out of memory in backward")
         logging.shutdown()
         os._exit(code)  # leave now: an orderly shutdown would wait for those collectives

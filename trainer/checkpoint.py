@@ -26,7 +26,7 @@ from lowmem_train.trainer import distributed
 from lowmem_train.trainer.backend import Backend
 from lowmem_train.trainer.compat import zero3_local_shard
 from lowmem_train.trainer.cpu_adam_resume import replay_bias_correction
-from lowmem_train.trainer.faults import KILL_IN_SAVE
+from lowmem_train.trainer.faults import KILL_IN_SAVE, SLOW_SAVE
 from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, DS_UNIVERSAL_TAG, STATE_FILE, ResumePoint,
                                         checkpoint_name, complete_checkpoints, dir_size, fsync_dir, fsync_tree,
                                         library_versions, read_checkpoint, write_model_folder)
@@ -115,6 +115,7 @@ class Checkpointer:
             torch.save(optimizer.state_dict(), tmp / "model" / "optimizer.pt")
         torch.save(rng_state(), tmp / "rng" / f"rank_{backend.rank:05d}.pt")
         KILL_IN_SAVE.after_files_written()
+        SLOW_SAVE.after_files_written()
         distributed.barrier(backend)
         if backend.is_main:
             self._commit(tmp, final, state)

@@ -98,19 +98,55 @@ def full_state_dict(backend, model) -> dict:
     return backend.accelerator.get_state_dict(model)
 
 
-# What gloo and NCCL say when the other end of a connection is gone (gloo: "Connection reset by peer" on a killed
-# peer; NCCL: "remote process exited or there was a network error").
-LOST_PEER_SIGNS = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused",
-                   "remote process exited", "socket timeout", "timed out", "nccl communicator was aborted")
+# What NCCL, gloo and torch's store say, as fragments of their own messages (lowercase), checked in this order, the
+# first match deciding. Sources: NCCL's ncclGetErrorString (src/init.cc) and WARN texts (init.cc, bootstrap.cc,
+# alloc.h, checks.h), torch's NCCLUtils.cpp / ProcessGroupNCCL.cpp, gloo's transport/tcp/pair.cc; the gloo and store
+# texts were reproduced with torch 2.13. NCCL reports a lost peer under several codes ("internal error",
+# "unhandled system error" with "Last error: ... Connection closed by remote peer"), so the whole text is searched.
+COLLECTIVE_ERROR_SIGNS = (
+    ("out_of_memory", ("out of memory", "failed to cuda calloc", "failed to cuda malloc", "failed to cuda host alloc",
+                       "failed to malloc ")),
+    ("misconfigured", ("duplicate gpu detected", "multiple ranks are using the same gpu", "mismatched nccl version",
+                       "no socket interface found", "no usable listening interface found", "invalid nccl_comm_id",
+                       "invalid usage (run with nccl_debug", "ncclinvalidusage")),
+    ("lost_peer", ("remote process exited or there was a network error", "ncclremoteerror", "connection reset by peer",
+                   "connection closed by peer", "connection closed by remote peer", "broken pipe", "connection refused",
+                   "software caused connection abort", "read timeout", "socket timeout", "timed out waiting",
+                   "failed to recv, got 0 bytes", "did the remote server shutdown or crash",
+                   "the client socket has timed out", "got completion from peer", "remote process exited",
+                   "watchdog caught collective operation timeout", "nccl communicator was aborted", "timed out")),
+)
+
+# What to do about a misconfigured process group, by the sign that named it.
+MISCONFIGURED_HINTS = {
+    "duplicate gpu detected": "two ranks on one GPU: launch at most one process per GPU (--num_processes)",
+    "multiple ranks are using the same gpu": "two ranks on one GPU: launch at most one process per GPU "
+                                             "(--num_processes)",
+    "mismatched nccl version": "the nodes run different NCCL versions: run the same image on every node",
+    "no socket interface found": "NCCL found no network interface to use: set NCCL_SOCKET_IFNAME to the interface "
+                                 "the nodes reach each other on",
+    "no usable listening interface found": "NCCL found no network interface to use: set NCCL_SOCKET_IFNAME",
+    "invalid nccl_comm_id": "NCCL_COMM_ID is malformed: unset it or use host:port",
+}
 
 
-def is_lost_peer_error(exc: BaseException) -> bool:
-    """Does this exception of a collective mean that another rank is gone (not a bug of ours)?"""
-    dist_errors = tuple(getattr(torch.distributed, name) for name in ("DistNetworkError", "DistBackendError")
-                        if hasattr(torch.distributed, name))
-    if isinstance(exc, dist_errors):
-        return True
-    return isinstance(exc, RuntimeError) and any(sign in str(exc).lower() for sign in LOST_PEER_SIGNS)
+def classify_collective_error(exc: BaseException) -> str | None:
+    """What a failed collective means: "lost_peer" (another rank or node is gone, or the network: restartable),
+    "misconfigured" (the launch or the network setup is wrong: a restart fails the same way), "out_of_memory"
+    (NCCL could not allocate its buffers), or None (a bug, or nothing this module recognises)."""
+    text = str(exc).lower()
+    for kind, signs in COLLECTIVE_ERROR_SIGNS:
+        if any(sign in text for sign in signs):
+            return kind
+    network = getattr(torch.distributed, "DistNetworkError", ())
+    return "lost_peer" if network and isinstance(exc, network) else None  # torch's TCP layer, any text
+
+
+def misconfiguration_hint(exc: BaseException) -> str:
+    """What to change for a "misconfigured" collective error."""
+    text = str(exc).lower()
+    return next((hint for sign, hint in MISCONFIGURED_HINTS.items() if sign in text),
+                "the process group is misconfigured; rerun with NCCL_DEBUG=WARN to see why")
 
 
 class PeerWatch:

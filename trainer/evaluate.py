@@ -4,10 +4,16 @@ exact-match accuracy of greedy generation, overall and per case. (The prior art 
 Rank r scores rows r, r+W, r+2W, ...; every rank runs the same number of batches (short ranks pad with
 zero-weight rows) because under ZeRO-3 a forward pass is a collective. A validation file with a `case` column
 (data.case_column; the bundled task has one) gets exact match per case too.
+
+Memory: an evaluation batch is twice the training micro-batch in force (the memory guard's plan: where training
+had to shrink, evaluation shrinks with it). An out-of-memory error halves it and scores the same rows again, down
+to one row; the smaller size holds for the rest of the run. Under ZeRO-3 on several ranks a forward pass is a
+collective, so there the error ends the run as one in training does (step.OutOfMemoryInCollective).
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from itertools import islice
@@ -20,6 +26,11 @@ from lowmem_train.trainer import distributed
 from lowmem_train.trainer.backend import Backend
 from lowmem_train.trainer.data.encode import Encoder, collate
 from lowmem_train.trainer.data.source import ParquetIndex, iter_rows
+from lowmem_train.trainer.faults import OOM_FAULT
+from lowmem_train.trainer.memory.policy import OutOfMemoryGiveUp
+from lowmem_train.trainer.step import OOM_ERRORS, OutOfMemoryInCollective
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -29,6 +40,7 @@ class EvalResult:
     samples: int
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, expected, predicted)
     by_case: dict[str, tuple[int, int]] = field(default_factory=dict)  # case -> (correct, scored)
+    batch_size: int = 0  # rows per forward pass it ran with
 
     @property
     def perplexity(self) -> float:
@@ -40,9 +52,10 @@ class EvalResult:
 
 
 class Evaluator:
-    def __init__(self, backend: Backend, index: ParquetIndex, encoder: Encoder, batch_size: int, max_samples: int = 0):
+    def __init__(self, backend: Backend, index: ParquetIndex, encoder: Encoder, max_samples: int = 0):
         self.backend, self.index, self.encoder = backend, index, encoder
-        self.batch_size, self.max_samples = max(1, batch_size), max_samples
+        self.max_samples = max_samples
+        self.batch_cap: int | None = None  # the largest batch that fitted after an out-of-memory error
         self.tokenizer, self.family = encoder.tokenizer, encoder.family
         self.has_cases = len(index.columns) > 2  # (prompt, response, case)
 
@@ -64,29 +77,32 @@ class Evaluator:
         return mine, real, list(cases)
 
     @torch.no_grad()
-    def run(self, model) -> EvalResult:
-        backend, tok = self.backend, self.tokenizer
+    def run(self, model, batch_size: int) -> EvalResult:
+        """Score the validation split; `batch_size` rows per forward pass at most (module docstring)."""
+        backend = self.backend
         net = backend.accelerator.unwrap_model(model)
         was_training = net.training
         net.eval()
         rows, real, cases = self.rows_of_this_rank()
+        size = max(1, min(batch_size, self.batch_cap or batch_size))
         loss_sum = tokens = correct = counted = 0.0
         case_correct, case_counted = dict.fromkeys(cases, 0.0), dict.fromkeys(cases, 0.0)
         examples: list[tuple[str, str, str]] = []
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
+        start = 0
+        while start < len(rows):
+            chunk = rows[start:start + size]
             weights = [1.0 if start + i < real else 0.0 for i in range(len(chunk))]
-            pairs = self.encoder.encode(chunk)
-            if len(pairs) != len(chunk):  # null rows in validation: score what is there
-                weights = weights[: len(pairs)]
-            if not pairs:
+            try:
+                scored = self.score(net, chunk, weights)
+            except OOM_ERRORS:
+                size = self.after_out_of_memory(size)
                 continue
-            batch = {k: v.to(backend.accelerator.device) for k, v in collate(pairs, tok.pad_token_id, self.encoder.model_type).items()}
-            keep = torch.tensor(weights, device=batch["labels"].device).bool()
-            batch["labels"] = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
-            loss_sum += float(self.family.token_loss_sum(net, batch))
-            tokens += self.family.target_tokens(batch["labels"])
-            predicted = self.generate(net, pairs)
+            start += len(chunk)
+            if scored is None:
+                continue
+            chunk_loss, chunk_tokens, predicted, weights = scored
+            loss_sum += chunk_loss
+            tokens += chunk_tokens
             for row, pred, w in zip(chunk, predicted, weights):
                 if not w:
                     continue
@@ -107,7 +123,35 @@ class Evaluator:
         per_case = totals[4:]
         by_case = {case: (int(per_case[i]), int(per_case[len(cases) + i])) for i, case in enumerate(cases)}
         return EvalResult(loss=loss_sum / max(tokens, 1), exact_match=correct / max(counted, 1), samples=int(counted),
-                          examples=examples, by_case=by_case)
+                          examples=examples, by_case=by_case, batch_size=size)
+
+    def score(self, net, chunk: list[tuple], weights: list[float]):
+        """(summed token loss, target tokens, greedy answers, weights) of one batch; None when no row encodes."""
+        pairs = self.encoder.encode(chunk)
+        if len(pairs) != len(chunk):  # null rows in validation: score what is there
+            weights = weights[: len(pairs)]
+        if not pairs:
+            return None
+        device = self.backend.accelerator.device
+        batch = {k: v.to(device) for k, v in collate(pairs, self.tokenizer.pad_token_id,
+                                                      self.encoder.model_type).items()}
+        keep = torch.tensor(weights, device=batch["labels"].device).bool()
+        batch["labels"] = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
+        OOM_FAULT.before_eval(len(chunk), self.backend.rank)
+        loss = float(self.family.token_loss_sum(net, batch))
+        return loss, self.family.target_tokens(batch["labels"]), self.generate(net, pairs), weights
+
+    def after_out_of_memory(self, size: int) -> int:
+        """The batch size to score the same rows with after an out-of-memory error (module docstring)."""
+        if self.backend.zero_stage == 3 and self.backend.world_size > 1:
+            raise OutOfMemoryInCollective(f"out of memory in a ZeRO-3 evaluation batch of {size} rows")
+        if size == 1:
+            raise OutOfMemoryGiveUp("out of memory evaluating one validation row; lower --max_seq_len or the model "
+                                    "size, or set --validation_file= to train without validation")
+        self.batch_cap = size // 2
+        log.warning("memory: out of memory in evaluation: batch %d -> %d rows (for the rest of this run)", size,
+                    self.batch_cap)
+        return self.batch_cap
 
     def normalise(self, text) -> str:
         """The expected answer as the tokenizer would give it back (NFKC, no spaces)."""

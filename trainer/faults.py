@@ -1,13 +1,19 @@
 """Fault injection for tests: the narrow seams through which a test makes rare failures happen on demand.
 
-    LOWMEM_FAULT_OOM="micro_batch_over=4[,rank=1][,times=N][,after=K][,phase=backward]"
+    LOWMEM_FAULT_OOM="micro_batch_over=4[,rank=1][,times=N][,after=K][,phase=backward|eval]"
 A CUDA out-of-memory error cannot happen on a machine without a GPU: every forward pass (or, with
-phase=backward, every backward pass) of a micro-batch with more than 4 rows (on that rank only, at most N times,
-not before K such passes went through) raises torch.OutOfMemoryError, the very exception torch raises on a GPU.
+phase=backward, every backward pass; with phase=eval, every evaluation batch) of a micro-batch with more than 4
+rows (on that rank only, at most N times, not before K such passes went through) raises torch.OutOfMemoryError,
+the very exception torch raises on a GPU.
 
     LOWMEM_FAULT_KILL_IN_SAVE=N
 The N-th checkpoint save of the process SIGKILLs it after the model and optimizer files are written and before
 the completion marker: the worst moment for a crash, hard to hit with a random kill.
+
+    LOWMEM_FAULT_SLOW_SAVE=SECONDS
+Every checkpoint save of the process takes SECONDS longer, after its files are written and before the completion
+marker: a large model's save on slow storage, for the time a stop signal leaves (a launcher that kills its
+workers 30 s after a SIGTERM would kill such a save half-way).
 
     LOWMEM_FAULT_HOST_AVAILABLE="gb=1.0[,rank=1][,from_step=4]"
 One rank of several on one machine under host-memory pressure that the others do not feel (as one node of a
@@ -48,6 +54,10 @@ class OomFault:
 
     def before_backward(self, rows: int, rank: int) -> None:
         if self.phase == "backward":
+            self._maybe_raise(rows, rank)
+
+    def before_eval(self, rows: int, rank: int) -> None:
+        if self.phase == "eval":
             self._maybe_raise(rows, rank)
 
     def _maybe_raise(self, rows: int, rank: int) -> None:
@@ -97,6 +107,20 @@ class KillInSave:
 
 
 KILL_IN_SAVE = KillInSave(os.environ.get("LOWMEM_FAULT_KILL_IN_SAVE"))
+
+
+class SlowSave:
+    def __init__(self, spec: str | None):
+        self.seconds = float(spec) if spec else 0.0
+
+    def after_files_written(self) -> None:
+        if self.seconds:
+            import time
+
+            time.sleep(self.seconds)
+
+
+SLOW_SAVE = SlowSave(os.environ.get("LOWMEM_FAULT_SLOW_SAVE"))
 
 
 class CollateFault:

@@ -18,6 +18,7 @@ from typing import Callable
 
 import torch
 
+from lowmem_train.config.errors import first_line
 from lowmem_train.model.families.base import IGNORE_INDEX
 from lowmem_train.trainer import distributed
 from lowmem_train.trainer.backend import Backend, accumulation_divisor
@@ -37,7 +38,9 @@ class StepResult:
 
 
 def split_micro_batches(batch: dict[str, torch.Tensor], count: int, family) -> list[dict[str, torch.Tensor]]:
-    """`count` micro-batches from one rank-step batch, each trimmed to its own longest row.
+    """`count` micro-batches from one rank-step batch: consecutive rows, as views of the batch's own memory (a pinned
+    batch stays pinned, so its copy to the GPU is asynchronous; indexing with a tensor would copy every piece into
+    pageable memory). Each piece is trimmed to its own longest row once it is on the device (`to_device`).
 
     Exactly `count` pieces, always: every rank must run the same number of backward passes or the gradient
     collectives hang. A piece with no rows (rows skipped as null/overlong) becomes a fully masked row.
@@ -48,13 +51,19 @@ def split_micro_batches(batch: dict[str, torch.Tensor], count: int, family) -> l
         if len(idx) == 0:
             pieces.append(masked_row(batch, family))
             continue
-        pieces.append(family.trim({k: batch[k][idx] for k in family.model_inputs}))
+        start, stop = int(idx[0]), int(idx[-1]) + 1
+        pieces.append({k: batch[k][start:stop] for k in family.model_inputs})
     return pieces
+
+
+def to_device(piece: dict[str, torch.Tensor], device, family) -> dict[str, torch.Tensor]:
+    """A micro-batch on the device, trimmed there (column slices of a pinned view would be copied unpinned)."""
+    return family.trim({k: v.to(device, non_blocking=True) for k, v in piece.items()})
 
 
 def masked_row(batch: dict[str, torch.Tensor], family) -> dict[str, torch.Tensor]:
     """One row that takes part in forward/backward but contributes no loss and no gradient."""
-    piece = family.trim({k: batch[k][:1].clone() for k in family.model_inputs})
+    piece = {k: batch[k][:1].clone() for k in family.model_inputs}
     piece["labels"].fill_(IGNORE_INDEX)
     return piece
 
@@ -69,9 +78,10 @@ class StepOutOfMemory(RuntimeError):
     """Some rank ran out of memory in a forward pass; raised on every rank at the same point."""
 
 
-class BackwardOutOfMemory(RuntimeError):
-    """This rank ran out of memory in a backward pass. The others may already wait inside its gradient collectives,
-    and part of the gradients is accumulated: the step cannot be redone in place (see Trainer.fit)."""
+class OutOfMemoryInCollective(RuntimeError):
+    """This rank ran out of memory where the other ranks may already wait in a collective with it: in a backward
+    pass (the gradient reduction), in a ZeRO-3 forward pass (which gathers parameters layer by layer), or inside a
+    collective's own buffers (NCCL). The step cannot be redone in place (see Trainer.fit)."""
 
 
 class LoaderFailed(RuntimeError):
@@ -107,20 +117,32 @@ def train_step(backend: Backend, model, optimizer, family, batch: dict[str, torc
     micro-batch; the rows not yet processed are cut finer and the SAME step goes on. Rows already through
     backward keep their exact gradients, so the update equals that of a run that used the smaller
     micro-batch from the start. Every rank cuts the same number of pieces, so collectives stay matched.
+
+    Under ZeRO-3 on several ranks a forward pass is itself a collective (each layer's parameters are gathered as
+    it runs): a rank that raised inside one, or skipped it, would wait in the agreement while the others wait in a
+    gather, until the process group timed out. There the agreement comes before the first forward (tokens, stop,
+    loader), an out-of-memory error in a forward ends the run like one in backward (OutOfMemoryInCollective: every
+    rank stops within seconds, the next start takes the halved plan), and the loss is summed after the step.
     """
     accelerator = backend.accelerator
-    if batch is None:  # nothing to compute; the others learn it at the agreement they are about to reach
+    gathers_in_forward = backend.zero_stage == 3 and backend.world_size > 1
+    if batch is None and not gathers_in_forward:  # the others learn it at the agreement after their first forward
         distributed.agree_step(backend, loader_failed=True, stop=stop_asked)
         raise LoaderFailed
-    pending = split_micro_batches(batch, grad_accum, family)
+    pending = [] if batch is None else split_micro_batches(batch, grad_accum, family)
     micro = micro_batch
     local_tokens = float(sum(family.target_tokens(p["labels"]) for p in pending))
-    cells, pad_cells = map(sum, zip(*(family.padding(p) for p in pending)))
-    tokens = None  # of the global step, once agreed
+    tokens, stop = None, False  # of the global step, once agreed
+    if gathers_in_forward:
+        agreed = distributed.agree_step(backend, loader_failed=batch is None, tokens=local_tokens, stop=stop_asked)
+        if agreed.loader_failed:
+            raise LoaderFailed
+        tokens, stop = agreed.tokens, agreed.stop
+    cells, pad_cells = map(sum, zip(*(family.padding(family.trim(p)) for p in pending)))
     set_lr(optimizer, lr)
-    loss_sum, stop = 0.0, False
+    loss_sum = 0.0
     while pending:
-        piece = {k: v.to(accelerator.device, non_blocking=True) for k, v in pending[0].items()}
+        piece = to_device(pending[0], accelerator.device, family)
         last = len(pending) == 1
         # DeepSpeed steps inside backward() on the piece marked as the accumulation boundary.
         set_sync_gradients(accelerator, last)
@@ -128,32 +150,43 @@ def train_step(backend: Backend, model, optimizer, family, batch: dict[str, torc
         with sync:
             loss = forward(backend, model, family, piece)
             mine = 0.0 if loss is None else float(loss.detach())
-            first = tokens is None
-            agreed = distributed.agree_step(backend, oom=loss is None, tokens=local_tokens if first else 0.0,
-                                            stop=stop_asked if first else False,
-                                            loss=loss_sum + mine if last else 0.0)
-            if first:
-                tokens, stop = agreed.tokens, agreed.stop
-                if agreed.loader_failed:
-                    raise LoaderFailed
-            if agreed.oom:
-                del piece, loss
-                if on_oom is None:
-                    raise StepOutOfMemory
-                new_micro = on_oom()
-                pending = [sub for old in pending for sub in split_micro_batches(old, max(1, micro // new_micro), family)]
-                micro = new_micro
-                continue
+            if gathers_in_forward:
+                if loss is None:  # the others may be inside this forward's parameter gathers
+                    raise OutOfMemoryInCollective(f"out of memory in a ZeRO-3 forward pass with a micro-batch of {micro}")
+            else:
+                first = tokens is None
+                agreed = distributed.agree_step(backend, oom=loss is None, tokens=local_tokens if first else 0.0,
+                                                stop=stop_asked if first else False,
+                                                loss=loss_sum + mine if last else 0.0)
+                if first:
+                    tokens, stop = agreed.tokens, agreed.stop
+                    if agreed.loader_failed:
+                        raise LoaderFailed
+                if agreed.oom:
+                    del piece, loss
+                    if on_oom is None:
+                        raise StepOutOfMemory
+                    new_micro = on_oom()
+                    pending = [sub for old in pending
+                               for sub in split_micro_batches(old, max(1, micro // new_micro), family)]
+                    micro = new_micro
+                    continue
             # The backend divides by its accumulation count, whatever it is now (the guard may change it).
             try:
                 OOM_FAULT.before_backward(piece["input_ids"].shape[0], backend.rank)
                 accelerator.backward(loss * (accumulation_divisor(backend) * backend.world_size / max(tokens, 1.0)))
             except OOM_ERRORS as exc:
-                raise BackwardOutOfMemory(f"out of memory in backward with a micro-batch of {micro}") from exc
+                raise OutOfMemoryInCollective(f"out of memory in backward with a micro-batch of {micro}") from exc
+            except RuntimeError as exc:  # NCCL's own buffers: "Cuda failure 'out of memory'", "Failed to CUDA calloc"
+                if distributed.classify_collective_error(exc) == "out_of_memory":
+                    raise OutOfMemoryInCollective(f"out of memory in a gradient collective with a micro-batch of "
+                                                  f"{micro} ({first_line(exc)[:120]})") from exc
+                raise
         loss_sum += mine
         pending.pop(0)
     grad_norm = finish_step(backend, model, optimizer, max_grad_norm)
-    return StepResult(loss=agreed.loss / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr, stop=stop,
+    total_loss = distributed.sum_(backend, [loss_sum])[0] if gathers_in_forward else agreed.loss
+    return StepResult(loss=total_loss / max(tokens, 1.0), tokens=int(tokens), grad_norm=grad_norm, lr=lr, stop=stop,
                       cells=cells, pad_cells=pad_cells)
 
 

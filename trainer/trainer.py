@@ -41,7 +41,7 @@ from lowmem_train.trainer.memory.snapshot import memory_snapshot
 from lowmem_train.trainer.run_log import RunLog
 from lowmem_train.trainer.schedule import lr_at
 from lowmem_train.trainer.state import TrainState
-from lowmem_train.trainer.step import BackwardOutOfMemory, LoaderFailed, train_step
+from lowmem_train.trainer.step import LoaderFailed, OutOfMemoryInCollective, train_step
 from lowmem_train.trainer.stop import SnapshotRequest, StopSignal
 
 log = logging.getLogger(__name__)
@@ -55,6 +55,7 @@ class FitResult:
     stopped_early: bool
     final_dir: Path | None
     outcome: str = "finished"  # finished | stopped (by a signal, saved) | out_of_memory (saved) | oom_in_backward
+    # (oom_in_backward: out of memory where the step could not be redone in place, OutOfMemoryInCollective)
 
 
 class Trainer:
@@ -94,11 +95,12 @@ class Trainer:
             self.save()  # the state before the failed step: nothing of it was applied
             log.error("error: %s. Checkpoint saved; resume with --is_keep_training=True after freeing memory", exc)
             result = FitResult(self.state.step, self.last_eval, False, None, outcome="out_of_memory")
-        except BackwardOutOfMemory:
+        except OutOfMemoryInCollective as exc:
             # Half of a step's gradients may be reduced and other ranks may wait inside its collectives: no save, no
             # retry here. The smaller plan waits in output_dir for the next start, which resumes from the last
             # checkpoint; the other ranks hear of it (peer watch) and end too.
-            log.error("error: %s; restart with --is_keep_training=auto", self.guard.record_backward_oom(self.state.step))
+            log.error("error: %s; restart with --is_keep_training=auto",
+                      self.guard.record_oom_in_collective(self.state.step, str(exc)))
             result = FitResult(self.state.step, self.last_eval, False, None, outcome="oom_in_backward")
         finally:
             self.restore_process_settings()
@@ -225,10 +227,11 @@ class Trainer:
         if self.evaluator is None:
             return
         t0 = time.perf_counter()
-        result = self.evaluator.run(self.model)
+        result = self.evaluator.run(self.model, 2 * self.guard.plan.micro_batch)  # where training fits (evaluate.py)
         self.last_eval, self.last_eval_step = result, self.state.step
         self.run_log.write("eval", self.state.step, epoch=self.state.position.epoch, loss=result.loss,
                            perplexity=result.perplexity, exact_match=result.exact_match, samples=result.samples,
+                           batch_size=result.batch_size,
                            **{f"exact_match/{case}": c / max(n, 1) for case, (c, n) in result.by_case.items()})
         cases = result.describe_cases()
         log.info("eval @ step %d: loss %.4f ppl %.3f exact match %.2f%% (%d samples, %.1fs)%s", self.state.step,
@@ -328,7 +331,7 @@ class Trainer:
         self.evaluator = None
         if data.validation_index is not None:
             self.evaluator = Evaluator(self.backend, data.validation_index, Encoder(self.tokenizer, cfg.model.type,
-                                       cfg.max_seq_len, "truncate"), 2 * plan.micro_batch, cfg.data.eval_max_samples)
+                                       cfg.max_seq_len, "truncate"), cfg.data.eval_max_samples)
         # The schedule spans all epochs; max_steps only stops early, so a later resume continues it exactly.
         self.total_steps = cfg.epochs * self.dataset.steps_per_epoch()
         self.state = TrainState(world_size=world, global_batch=self.global_batch)

@@ -64,3 +64,43 @@ def test_zero3_offload_trains_resumes_exactly_and_exports(tiny_task, tmp_path, d
     assert loaded.returncode == 0 and int(loaded.stdout.split()[-1]) > 1, loaded.stderr[-2000:]
     exported = torch.load(tmp_path / "sd.pt")
     assert max((exported[k] - weights[k]).abs().max().item() for k in weights if k in exported) <= TOLERANCE
+
+
+def test_zero3_out_of_memory_in_a_forward_pass_on_one_rank_ends_every_rank_promptly_with_the_halved_plan(
+        tiny_task, tmp_path, deepspeed_ops):
+    """Under ZeRO-3 a forward pass gathers parameters layer by layer: rank 1 running out of memory inside one (the
+    OOM seam, step 5) leaves rank 0 waiting in a gather that rank 1 never joins. Rank 1 records the halved plan and
+    announces its end; both are gone within 60 s with exit code 6, as after an OOM in backward. (Before, rank 1
+    went to the step's agreement and both waited in mismatched collectives until the process group timed out.)"""
+    import time
+
+    out = tmp_path / "run"
+    t0 = time.monotonic()
+    run = subprocess.run(accelerate_launch("cpu_2proc_deepspeed.yaml", 29784) + [
+        str(REPO / "train_low_mem.py"), "train", *task_options(tiny_task, out), *OPTIONS, "--max_steps=8"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore", "LOWMEM_FAULT_OOM": "micro_batch_over=8,rank=1,after=5"})
+    assert run.returncode != 0
+    status = json.loads((out / "exit_status.json").read_text())
+    assert status["exit_code"] == 6, status
+    failed_at = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])["time"]
+    assert time.time() - failed_at < 60 and time.monotonic() - t0 < 300, "the ranks did not end promptly"
+    pending = json.loads((out / "oom_plan.json").read_text())
+    assert (pending["plan"]["micro_batch"], pending["plan"]["grad_accum"], pending["step"]) == (8, 2, 5)
+    assert "out of memory in a ZeRO-3 forward pass" in run.stderr
+
+
+def test_zero3_a_loader_failure_on_one_rank_is_agreed_before_the_forward_and_the_step_is_redone(
+        tiny_task, tmp_path, deepspeed_ops):
+    """Rank 1 cannot collate the batch of step 3 (the collate seam): under ZeRO-3 the step's agreement comes before
+    the forward (whose gathers rank 1 would not join), so both shed loader memory and redo step 3 together."""
+    run = subprocess.run(accelerate_launch("cpu_2proc_deepspeed.yaml", 29785) + [
+        str(RECORDER), *task_options(tiny_task, tmp_path / "run"), *OPTIONS, "--max_steps=6",
+        "--data.num_workers=2"], cwd=REPO, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "PYTHONWARNINGS": "ignore",
+             "LOWMEM_FAULT_COLLATE_OOM": f"step=3,rank=1,marker={tmp_path / 'fired'}"})
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert (tmp_path / "fired").exists()
+    record = torch.load(tmp_path / "run" / "record_rank0.pt", weights_only=False)
+    assert [s for _, s, _ in record["steps"]] == list(range(6))  # step 3 once, after the retry
+    assert "host MemoryError while preparing a batch" in run.stderr

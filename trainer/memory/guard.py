@@ -8,7 +8,7 @@
     at each epoch end         decide(samples since last decision) -> new plan for the next epoch
     on out-of-memory          on_oom(plan) -> smaller micro-batch for the rest of this very step
     ... in backward           the step cannot be redone (other ranks wait in its collectives): the smaller plan is
-                              written to OUTPUT_DIR/oom_plan.json and the next start takes it (from_config)
+      (or a ZeRO-3 forward)   written to OUTPUT_DIR/oom_plan.json and the next start takes it (from_config)
 
 Every rank feeds the same worst-case numbers to the same pure policy (policy.py), so every rank reaches
 the same plan without any further negotiation. Loader changes (workers, prefetch, pin_memory) take
@@ -187,12 +187,13 @@ class MemoryGuard:
         why = "host MemoryError while preparing a batch"
         self.adopt(Decision(shed[0], self.policy.after_shrink(why, step), f"{why}: {shed[1]}", True), "now", step)
 
-    def record_backward_oom(self, step: int) -> str:
-        """An out-of-memory error in backward on this rank: write the smaller plan where the next start finds it
+    def record_oom_in_collective(self, step: int, what: str) -> str:
+        """An out-of-memory error on this rank where the step cannot be redone (step.OutOfMemoryInCollective: in
+        backward, a ZeRO-3 forward, NCCL's buffers): write the smaller plan where the next start finds it
         (OOM_PLAN_FILE; every rank's start reads it, so the plans agree), and return why."""
         self.release_cached_memory()
         decision = on_oom(self.plan, self.backend.world_size, self.cfg.memory, self.oom_retries, self.policy, step)
-        record = {"step": step, "reason": f"out of memory in backward at step {step}", "plan": decision.plan.state_dict(),
+        record = {"step": step, "reason": f"{what} at step {step}", "plan": decision.plan.state_dict(),
                   "policy": decision.state.state_dict(), "oom_retries": self.oom_retries + 1,
                   "world_size": self.backend.world_size}
         path = Path(self.cfg.output_dir) / OOM_PLAN_FILE

@@ -38,13 +38,13 @@ def main() -> None:
     model = backend.accelerator.prepare(load_exported(Path(args.model)).model)  # DDP-wrapped on 2 processes
     index = ParquetIndex.build(cfg.validation_file, (cfg.data.prompt_column, cfg.data.response_column),
                                "--validation_file", (cfg.data.case_column,))
-    # As Trainer.setup builds it (there with 2 x the micro-batch as batch size).
+    # As Trainer.setup builds it (its evaluate() runs it with 2 x the micro-batch in force as batch size).
     evaluator = Evaluator(backend, index, Encoder(tokenizer, cfg.model.type, cfg.max_seq_len, "truncate"),
-                          args.batch_size, cfg.data.eval_max_samples)
+                          cfg.data.eval_max_samples)
     rows, real, _ = evaluator.rows_of_this_rank()
-    result = evaluator.run(model)
+    result = evaluator.run(model, args.batch_size)
     torch.save({"rank": backend.rank, "world_size": backend.world_size, "real_rows": [r[2] for r in rows[:real]],
-                "batches": -(-len(rows) // evaluator.batch_size), "loss": result.loss,
+                "batches": -(-len(rows) // result.batch_size), "loss": result.loss,
                 "exact_match": result.exact_match, "samples": result.samples, "by_case": result.by_case},
                f"{args.out}.rank{backend.rank}.pt")
     distributed.leave_process_group()  # as the train command does: a rank exiting with gloo alive may abort
