@@ -6,11 +6,13 @@ pre-tokenized rows collated by the trainer's `collate` (padded to the batch's lo
 `families.get("t5").token_loss_sum(model, batch) / target tokens of the batch`, AdamW with the trainer's parameter
 groups and schedule, gradient clipping at 1.0. They are written as a user of each tool would write them: nothing
 here sets what lowmem-train sets for speed (flushing denormal floats, trainer/denormals.py), unless
-`bench/peers.py --peers_flush_denormal` asks for it.
+`bench/peers.py --peers_flush_denormal` asks for it. The bare torch loop also runs on a GPU for bench/gpu_check.py
+(another preset, the model and each batch on the device, bf16 autocast as Accelerate's mixed precision applies it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import pickle
@@ -23,13 +25,13 @@ MARK = "PEERS_RESULT "  # the line a child prints with its numbers (rank 0 only)
 IGNORE_INDEX = -100
 
 
-def base_config(data: Path):
-    """t5_tiny's RunConfig (the schema's defaults) pointed at the bench's copy of the bundled task."""
+def base_config(data: Path, preset: str | None = None, overrides: dict | None = None):
+    """t5_tiny's RunConfig (the schema's defaults), or a preset's with `overrides`, pointed at the bench's copy of
+    the bundled task."""
     from lowmem_train.config.loader import build_config
 
-    return build_config(None, {"train_file": str(data / "train.parquet"), "validation_file": "",
-                               "tokenizer_dir": str(data / "tokenizer")})
-
+    return build_config(preset, {"train_file": str(data / "train.parquet"), "validation_file": "",
+                                 "tokenizer_dir": str(data / "tokenizer"), **(overrides or {})})
 
 
 def lr_at(step: int, total: int, cfg) -> float:
@@ -78,7 +80,7 @@ class Clock:
                 "window": (self.wall[w - 1], self.wall[-1]), **extra}
 
 
-def child_common(data: Path):
+def child_common(data: Path, preset: str | None = None, overrides: dict | None = None):
     import torch
 
     if os.environ.get("PEERS_FLUSH_DENORMAL") == "1":  # --peers_flush_denormal: before torch starts its threads
@@ -87,7 +89,7 @@ def child_common(data: Path):
     from lowmem_train.model.build import build_model
     from lowmem_train.model.tokenizer import load_tokenizer
 
-    cfg = base_config(data)
+    cfg = base_config(data, preset, overrides)
     tokenizer = load_tokenizer(data / "tokenizer")
     model = build_model(cfg, tokenizer)
     pairs = pickle.loads((data / "encoded.pkl").read_bytes())
@@ -107,19 +109,31 @@ def make_loader(pairs, cfg, tokenizer, batch: int):
                       generator=torch.Generator().manual_seed(cfg.seed))
 
 
-def child_torch(data: Path, total: int, warmup: int) -> dict:
-    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+def child_torch(data: Path, total: int, warmup: int, device: str = "cpu", precision: str = "no",
+                preset: str | None = None, overrides: dict | None = None) -> dict:
+    """On a GPU (`device` cuda) as its user writes it: model and AdamW on the device, each batch moved there as the
+    loop takes it (`int(tokens)` then waits for the GPU once a step, as a loss printed every step would), and with
+    `precision` bf16 the forward under bf16 autocast, fp32 weights and optimizer (Accelerate's mixed precision)."""
+    cfg, tokenizer, model, pairs, family, torch = child_common(data, preset, overrides)
+    model.to(device)
     optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
     loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
-    clock, loss = timed_loop(model, optimizer, loader, family, cfg, cfg.epochs * len(loader), total, warmup,
+    schedule_steps = cfg.epochs * len(loader)
+    if device != "cpu":
+        loader = ({k: v.to(device, non_blocking=True) for k, v in batch.items()} for batch in loader)
+    autocast = (lambda: torch.autocast(device_type="cuda", dtype=torch.bfloat16)) if precision == "bf16" else None
+    clock, loss = timed_loop(model, optimizer, loader, family, cfg, schedule_steps, total, warmup,
                              backward=lambda loss: loss.backward(),
-                             clip=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
+                             clip=lambda: torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm),
+                             autocast=autocast)
+    return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss),
+                        device=device, precision=precision)
 
 
-def timed_loop(model, optimizer, loader, family, cfg, schedule_steps: int, total: int, warmup: int, backward, clip):
-    """The loop every hand-written peer times: its own `backward(loss)` and `clip()` (None: the engine clips);
-    returns the clock and the last loss."""
+def timed_loop(model, optimizer, loader, family, cfg, schedule_steps: int, total: int, warmup: int, backward, clip,
+               autocast=None):
+    """The loop every hand-written peer times: its own `backward(loss)` and `clip()` (None: the engine clips) and,
+    when given, an `autocast()` context around the forward pass; returns the clock and the last loss."""
     clock = Clock(warmup)
     model.train()
     for step, batch in enumerate(loader):
@@ -127,7 +141,8 @@ def timed_loop(model, optimizer, loader, family, cfg, schedule_steps: int, total
             break
         set_lr(optimizer, lr_at(step, schedule_steps, cfg))
         tokens = int((batch["labels"] != IGNORE_INDEX).sum())
-        loss = family.token_loss_sum(model, batch) / max(tokens, 1)
+        with (autocast or contextlib.nullcontext)():
+            loss = family.token_loss_sum(model, batch) / max(tokens, 1)
         backward(loss)
         if clip is not None:
             clip()
