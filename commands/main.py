@@ -75,6 +75,10 @@ def dispatch(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run a command; a user mistake becomes one line and exit code 2, never a traceback."""
+    # Nothing is ever fetched from a hub: models, tokenizers and data come from local folders. Set before
+    # huggingface_hub is imported (it reads the variable once), so that a path that is not a folder fails at
+    # once instead of after half a minute of network retries.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         return dispatch(sys.argv[1:] if argv is None else argv)
     except ConfigError as exc:  # user mistakes (config, data, launch)

@@ -1,4 +1,5 @@
-"""`prepare`: raw parquet / jsonl / csv -> train/validation parquet with sane row groups (trainer/data/prepare.py).
+"""`prepare`: raw parquet / jsonl / csv or a datasets save_to_disk folder -> train/validation parquet with sane row
+groups (trainer/data/prepare.py).
 
     lowmem-train prepare --input raw.jsonl --output_dir data/ [--row_group_size 50000]
         [--validation_fraction 0.01 | --validation_rows N] [--prompt_column q --response_column a]
@@ -16,7 +17,8 @@ def add_arguments(parser) -> None:
 
     defaults = RunConfig()
     parser.add_argument("--input", required=True,
-                        help="raw rows: a .parquet/.jsonl/.csv file (.gz ok), a glob, or a folder of parquet")
+                        help="raw rows: a .parquet/.jsonl/.csv file (.gz ok), a glob, a folder of parquet, or a folder "
+                             "written by Hugging Face datasets' save_to_disk (its train split)")
     parser.add_argument("--output_dir", required=True, help="folder for train.parquet and validation.parquet")
     parser.add_argument("--row_group_size", type=int, default=50_000, help="rows per row group (default 50000)")
     split = parser.add_mutually_exclusive_group()
@@ -26,7 +28,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--prompt_column", default="prompt", help="input column of the prompt text (default prompt)")
     parser.add_argument("--response_column", default="response",
                         help="input column of the response text (default response)")
-    parser.add_argument("--tokenizer_dir", default="", help="tokenizer to reuse, or to train from the training split")
+    parser.add_argument("--tokenizer_dir", default="",
+                        help="tokenizer to reuse (a pretrained model's folder too), or to train from the training split")
     parser.add_argument("--vocab_size", type=int, default=defaults.model.vocab_size,
                         help="vocabulary of a trained tokenizer")
     parser.add_argument("--tokenize", action="store_true", help="store token ids (needs --tokenizer_dir)")

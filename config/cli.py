@@ -20,6 +20,7 @@ SECTION_TITLES = {
     "": "run options",
     "model": "model options (--model.*)",
     "data": "data options (--data.*)",
+    "eval": "evaluation options (--eval.*)",
     "memory": "memory guard options (--memory.*)",
 }
 
@@ -37,7 +38,7 @@ def add_run_config_options(parser: argparse.ArgumentParser) -> None:
         "--config",
         metavar="PRESET",
         default=argparse.SUPPRESS,
-        help="YAML preset (a path, or a shipped name: t5_tiny, t5_small, t5_base, gpt_tiny, gpt_small); "
+        help="YAML preset (a path, or a shipped name: t5_tiny, t5_small, t5_base, gpt_tiny, gpt_small, llama_tiny); "
         "options given here override it",
     )
     groups: dict[str, Any] = {}

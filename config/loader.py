@@ -82,7 +82,13 @@ def type_label(ftype: Any) -> str:
         return "{" + ",".join(str(a) for a in get_args(ftype)) + "}"
     if is_union(ftype):  # bool | Literal["auto"] -> {true,false,auto}
         return "{" + ",".join("true,false" if a is bool else type_label(a).strip("{}") for a in get_args(ftype)) + "}"
+    if is_text_list(ftype):
+        return "NAME[,NAME...]"
     return {bool: "BOOL", int: "INT", float: "FLOAT", str: "TEXT"}.get(ftype, "YAML")
+
+
+def is_text_list(ftype: Any) -> bool:
+    return get_origin(ftype) is list and get_args(ftype) == (str,)
 
 
 def is_union(ftype: Any) -> bool:
@@ -140,6 +146,13 @@ def coerce(label: str, ftype: Any, value: Any) -> Any:
         if isinstance(text, (dict, list)):
             raise ConfigError(f"{bad}; expected text")
         return "" if text is None else str(text)
+    if is_text_list(ftype):  # `bleu,rouge_l` on the command line, a YAML list in a preset
+        if isinstance(text, str) and not text.startswith("["):
+            return [part.strip() for part in text.split(",") if part.strip()]
+        items = yaml.safe_load(text) if isinstance(text, str) else text
+        if not isinstance(items, list) or not all(isinstance(i, str) for i in items):
+            raise ConfigError(f"{bad}; expected names separated by commas")
+        return items
     # Structured fields (lists, dicts): YAML on the command line, taken as is from a preset.
     return yaml.safe_load(text) if isinstance(text, str) else text
 
@@ -185,7 +198,42 @@ def build_config(preset: str | None = None, overrides: dict[str, Any] | None = N
     """defaults <- preset file <- overrides (dotted name -> text or value), typed and validated."""
     values: dict[str, tuple[Any, str]] = read_preset(preset) if preset else {}
     values.update({name: (text, f"--{name}") for name, text in (overrides or {}).items()})
-    return apply_values(RunConfig(), values).validate()
+    cfg = apply_values(RunConfig(), values)
+    resolve_pretrained(cfg, values)
+    return cfg.validate()
+
+
+def resolve_pretrained(cfg: RunConfig, values: dict[str, tuple[Any, str]]) -> None:
+    """A model that starts from a pretrained folder (--model.name_or_path, or the prior art's --is_finetune with
+    --finetune_from) takes its family and shape from the folder's config.json, and its tokenizer from the folder
+    unless --tokenizer_dir names another. Shape options set beside it (typed, or from a preset) would be ignored:
+    they are refused, naming where they came from. Saved configs (a checkpoint's) hold the resolved fields already
+    and do not come through here."""
+    from lowmem_train.model.pretrained import SHAPE_FIELDS, PretrainedFolder, resolve_model_fields
+
+    flag = "--model.name_or_path"
+    if cfg.is_finetune and not cfg.model.name_or_path:
+        cfg.model.name_or_path = cfg.finetune_from or str(Path(cfg.output_dir) / "final")
+        flag = "--finetune_from" if cfg.finetune_from else "--is_finetune (output_dir/final)"
+    if not cfg.model.name_or_path:
+        return
+    given = [f"model.{name}" for name in SHAPE_FIELDS if f"model.{name}" in values]
+    if given:
+        where = values[given[0]][1]
+        source = "" if where == f"--{given[0]}" else f" (set in {where})"
+        raise ConfigError(f"--{given[0]}{source} cannot be combined with {flag}: the model's family and shape come "
+                          f"from {Path(cfg.model.name_or_path) / 'config.json'}; drop it")
+    folder = PretrainedFolder(cfg.model.name_or_path, flag)
+    for name, value in resolve_model_fields(cfg.model, folder).items():
+        setattr(cfg.model, name, value)
+    if "tokenizer_dir" not in values:
+        cfg.tokenizer_dir = cfg.model.name_or_path
+    from lowmem_train.model import families
+
+    positions = families.get(cfg.model.type).max_positions(folder.config)
+    if positions is not None and cfg.max_seq_len > positions:
+        raise ConfigError(f"--max_seq_len {cfg.max_seq_len} is more than the {positions} positions of "
+                          f"{cfg.model.name_or_path}; use at most {positions}")
 
 
 def apply_values(cfg: RunConfig, values: dict[str, tuple[Any, str]]) -> RunConfig:

@@ -16,8 +16,10 @@ from lowmem_train.config.memory import MemoryConfig
 
 @dataclass
 class ModelConfig:
+    name_or_path: str = ""
+    """A pretrained model folder in save_pretrained format (config.json + safetensors; its tokenizer too unless --tokenizer_dir names another). Its config.json sets the family and shape; nothing is downloaded."""
     type: str = "t5"
-    """Model family: t5 (encoder-decoder, T5ForConditionalGeneration), gpt (causal, GPT2LMHeadModel) or another in model/families/."""
+    """Model family: t5 (encoder-decoder, T5ForConditionalGeneration), gpt (causal, GPT2LMHeadModel), llama (causal, LlamaForCausalLM) or another in model/families/."""
     d_model: int = 128
     """Hidden size."""
     num_layers: int = 2
@@ -28,8 +30,8 @@ class ModelConfig:
     """Attention heads."""
     d_ff: int = 512
     """Feed-forward inner size."""
-    dropout: float = 0.0
-    """Dropout rate (0 for small tasks; 0.1 is the T5 default for large ones)."""
+    dropout: float | None = None
+    """Dropout rate (default: a pretrained model's own, else 0; 0.1 is the T5 default for large models)."""
     vocab_size: int = 64
     """Vocabulary size when a tokenizer is trained (a small value gives a character-level vocabulary)."""
     attn_implementation: Literal["sdpa", "eager"] = "sdpa"
@@ -60,6 +62,16 @@ class DataConfig:
     """Validation rows scored per evaluation (0 = the whole validation file)."""
     case_column: str = "case"
     """Validation column naming each row's case: exact match is also reported per case (ignored when absent)."""
+
+
+@dataclass
+class EvalConfig:
+    metrics: list[str] = field(default_factory=lambda: ["exact_match"])
+    """Scores of generated answers: exact_match, bleu (sacrebleu, Chinese tokenisation), rouge_l (character ROUGE-L F1); loss and perplexity always."""
+    generate: bool = True
+    """Generate answers and score them (false: loss and perplexity only, several times faster)."""
+    best_metric: str = "loss"
+    """The validation figure that picks the best checkpoint and that --patience watches: loss, or one of --eval.metrics."""
 
 
 @dataclass
@@ -117,11 +129,11 @@ class RunConfig:
     eval_steps: int = 0
     """Optimizer steps between validations (0 = at each epoch end only)."""
     patience: int = 0
-    """Stop after this many validations without a better validation loss (0 = never stop early)."""
+    """Stop after this many validations without a better --eval.best_metric (0 = never stop early)."""
     save_steps: int = 500
     """Optimizer steps between checkpoints (a checkpoint is also written at each epoch end)."""
     keep_latest_n_ckp: int = 3
-    """Checkpoints kept besides the best one."""
+    """Checkpoints kept besides the best one (by --eval.best_metric)."""
     low_disk: Literal["warn", "stop"] = "warn"
     """Free disk below the last checkpoint's size: warn and train on unsaved, or save nothing and stop."""
     is_keep_training: bool | Literal["auto"] = False
@@ -129,11 +141,11 @@ class RunConfig:
     overwrite_output_dir: bool = False
     """Start fresh although output_dir holds a run: that run is moved aside into output_dir/previous_runs/, not deleted."""
     is_finetune: bool = False
-    """Start from the weights in finetune_from with a fresh optimizer and schedule."""
+    """Start from the model in finetune_from with a fresh optimizer and schedule (the prior art's name for --model.name_or_path)."""
     allow_batch_change: bool = False
     """On resume, accept a global batch different from the checkpoint's (position rounded down to it)."""
     finetune_from: str = ""
-    """Exported model folder (save_pretrained format) used by is_finetune (default: output_dir/final)."""
+    """Model folder (save_pretrained format) is_finetune starts from (default: output_dir/final)."""
     force: bool = False
     """Train even when the pre-flight memory estimate says the run will not fit."""
     peer_timeout_seconds: float = 30.0
@@ -143,6 +155,7 @@ class RunConfig:
 
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def validate(self) -> "RunConfig":
@@ -191,7 +204,7 @@ class RunConfig:
             raise ConfigError(f"--final_lr_ratio must be in [0, 1] (got {self.final_lr_ratio})")
         if self.max_grad_norm < 0 or self.weight_decay < 0:
             raise ConfigError("--max_grad_norm and --weight_decay must be 0 or more")
-        if not 0 <= self.model.dropout < 1:
+        if self.model.dropout is not None and not 0 <= self.model.dropout < 1:
             raise ConfigError(f"--model.dropout must be in [0, 1) (got {self.model.dropout})")
         if self.model.d_model % self.model.num_heads:
             raise ConfigError(
@@ -216,5 +229,16 @@ class RunConfig:
         if self.is_keep_training is not False and self.overwrite_output_dir:
             raise ConfigError("--overwrite_output_dir starts a fresh run; it cannot be combined with "
                               f"--is_keep_training={self.is_keep_training}")
+        from lowmem_train.trainer.metrics import METRICS  # names only: the libraries load when a metric is used
+
+        unknown = [m for m in self.eval.metrics if m not in METRICS]
+        if unknown:
+            raise ConfigError(f"--eval.metrics: unknown metric {unknown[0]!r}; choose from {', '.join(METRICS)}")
+        if self.eval.best_metric != "loss" and self.eval.best_metric not in self.eval.metrics:
+            raise ConfigError(f"--eval.best_metric={self.eval.best_metric}: choose loss or one of --eval.metrics "
+                              f"({', '.join(self.eval.metrics) or 'none'})")
+        if self.eval.best_metric != "loss" and not self.eval.generate:
+            raise ConfigError(f"--eval.best_metric={self.eval.best_metric} scores generated answers: it needs "
+                              "--eval.generate=true (or --eval.best_metric=loss)")
         self.memory.validate()
         return self

@@ -43,9 +43,7 @@ class Decoding:
 
 def prompt_ids(tokenizer, family, text: str) -> list[int]:
     """Token ids of one prompt as the model saw prompts in training."""
-    from lowmem_train.model.families.base import Specials
-
-    return family.prompt(tokenizer(text, add_special_tokens=False)["input_ids"], Specials.of(tokenizer))
+    return family.prompt(tokenizer(text, add_special_tokens=False)["input_ids"], family.specials(tokenizer))
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, side: str):
@@ -127,10 +125,12 @@ def load_exported(folder: Path) -> Exported:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError, RuntimeError) as exc:  # corrupt or foreign files: say which folder
         raise ConfigError(f"--model: cannot load {folder} ({type(exc).__name__}: {first_line(exc)[:200]})") from None
-    end = getattr(tokenizer, family.prompt_end, None)
-    if end is None:
-        raise ConfigError(f"--model: the tokenizer in {folder} has no {family.prompt_end}, which ends a prompt for a "
-                          f"{family.name} model")
+    from lowmem_train.model.families.base import TokenizerRoleError
+
+    try:
+        family.specials(tokenizer)
+    except TokenizerRoleError as exc:
+        raise ConfigError(f"--model: the tokenizer in {folder} cannot lay out {family.name} prompts: {exc}") from None
     return Exported(model, tokenizer, family)
 
 

@@ -1,8 +1,14 @@
-"""Train a tokenizer locally (nothing is downloaded) and load it as a transformers fast tokenizer.
+"""Tokenizers: the bundled task's, trained locally (nothing is downloaded), and a user's, loaded as it is.
 
-A BPE model over characters (not bytes: Chinese characters stay whole tokens), digits always split one by
-one (numbers generalise), and the prior art's special tokens. With a vocabulary no larger than the alphabet
-plus the specials, BPE learns no merges and the vocabulary is character level.
+Trained: a BPE model over characters (not bytes: Chinese characters stay whole tokens), digits always split one by
+one (numbers generalise), and the prior art's special tokens. With a vocabulary no larger than the alphabet plus
+the specials, BPE learns no merges and the vocabulary is character level.
+
+Loaded: any tokenizer transformers reads from a folder (tokenizer.json; a folder with only a SentencePiece
+spiece.model is converted by transformers' own converter, in memory). The model's family asks it for the tokens
+its layout needs by role (families/base.py: pad, end of sequence, a prompt separator) and supplies the documented
+fallbacks; a missing role without one is refused in one line. Nothing is written into a user's folder: a
+tokenizer is trained only into a folder that holds none, for a new model.
 """
 
 from __future__ import annotations
@@ -63,19 +69,26 @@ def save_tokenizer(tokenizer: PreTrainedTokenizerFast, out_dir: Path) -> None:
 
 def for_export(tokenizer: PreTrainedTokenizerFast, family, max_length: int) -> PreTrainedTokenizerFast:
     """A tokenizer that encodes prompts as the family's models read them: `tok(prompt)` adds what training added
-    (the family's template), batches pad on the side generation needs, and `model_max_length` is the model's.
-    The training tokenizer stays bare: the trainer lays rows out itself (token-id rows from `prepare` never pass
-    through a tokenizer)."""
+    (the family's template), batches pad on the side generation needs, and `model_max_length` is the model's. The
+    vocabulary and ids are the training tokenizer's, exactly; its special tokens too, with the pad fallback made
+    explicit (a GPT-2 tokenizer pads with <|endoftext|>, as its users set it). The training tokenizer stays bare:
+    the trainer lays rows out itself (token-id rows from `prepare` never pass through a tokenizer)."""
     backend = copy.deepcopy(tokenizer.backend_tokenizer)
     backend.post_processor = family.template(tokenizer)
+    specials = family.specials(tokenizer)
+    roles = {role: token for role, token in tokenizer.special_tokens_map.items()
+             if role in ("pad_token", "eos_token", "sep_token", "bos_token", "cls_token", "mask_token", "unk_token")}
+    roles["pad_token"] = tokenizer.convert_ids_to_tokens(specials.pad)
     return PreTrainedTokenizerFast(tokenizer_object=backend, padding_side=family.padding_side,
-                                   model_max_length=max_length, **SPECIAL_TOKENS)
+                                   model_max_length=max_length, **roles)
 
 
 def unreadable(tokenizer_dir: Path, exc: BaseException) -> ConfigError:
-    return ConfigError(f"--tokenizer_dir: {Path(tokenizer_dir) / 'tokenizer.json'} is not a readable tokenizer "
-                       f"({type(exc).__name__}: {first_line(exc)[:120]}); remove the folder to train a new one, or "
-                       f"pass the folder of the tokenizer the data was made with")
+    folder = Path(tokenizer_dir)
+    file = folder / ("tokenizer.json" if (folder / "tokenizer.json").is_file() else "spiece.model")
+    return ConfigError(f"--tokenizer_dir: {file} is not a readable tokenizer ({type(exc).__name__}: "
+                       f"{first_line(exc)[:120]}); remove the folder to train a new one, or pass the folder of the "
+                       f"tokenizer the model or the data was made with")
 
 
 def vocab_size(tokenizer_dir: Path) -> int:
@@ -88,23 +101,55 @@ def vocab_size(tokenizer_dir: Path) -> int:
         raise unreadable(tokenizer_dir, exc) from None
 
 
-def load_tokenizer(tokenizer_dir: Path) -> PreTrainedTokenizerFast:
+def load_tokenizer(tokenizer_dir: Path, family=None, flag: str = "--tokenizer_dir"):
+    """The tokenizer in `tokenizer_dir` as transformers reads it, checked for the roles `family` needs (none
+    checked without one). A missing pad token is set to the end-of-sequence token (the documented fallback: padded
+    positions are masked), in memory only."""
+    from transformers import AutoTokenizer
+
+    tokenizer_dir = Path(tokenizer_dir)
     try:
-        tokenizer = PreTrainedTokenizerFast.from_pretrained(str(tokenizer_dir))
+        if (tokenizer_dir / "tokenizer.json").is_file():
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        elif (tokenizer_dir / "spiece.model").is_file():
+            tokenizer = convert_sentencepiece(tokenizer_dir, family, flag)
+        else:
+            raise ConfigError(f"{flag}: {tokenizer_dir} holds no tokenizer (tokenizer.json or spiece.model)")
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - damaged JSON or a file of another tokenizer kind: say which folder
         raise unreadable(tokenizer_dir, exc) from None
-    missing = [t for t in SPECIAL_TOKENS.values() if tokenizer.convert_tokens_to_ids(t) in (None, tokenizer.unk_token_id) and t != "[UNK]"]
-    if missing:
-        raise ConfigError(f"--tokenizer_dir: {tokenizer_dir} lacks the special tokens {', '.join(missing)}; remove the "
-                          f"folder to train a new one")
+    if family is not None:
+        from lowmem_train.model.families.base import TokenizerRoleError
+
+        try:
+            family.specials(tokenizer)
+        except TokenizerRoleError as exc:
+            raise ConfigError(f"{flag}: the tokenizer in {tokenizer_dir} cannot lay out {family.name} rows: {exc}; "
+                              f"use a tokenizer that has it") from None
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_or_train_tokenizer(tokenizer_dir: Path, texts: Iterator[str] | None, vocab_size: int) -> PreTrainedTokenizerFast:
-    """Reuse tokenizer_dir when it exists (as the prior art did), otherwise train one from `texts`."""
+def convert_sentencepiece(folder: Path, family, flag: str):
+    """A folder with only spiece.model: transformers' own converter, through the family's SentencePiece tokenizer
+    class (T5Tokenizer, LlamaTokenizer), in memory. It needs the sentencepiece and protobuf packages."""
+    import transformers
+
+    name = getattr(family, "sentencepiece_tokenizer", "")
+    if not name:
+        raise ConfigError(f"{flag}: {folder} holds only spiece.model, and a {getattr(family, 'name', 'new')} model "
+                          f"has no SentencePiece tokenizer class to convert it; save the tokenizer as tokenizer.json")
+    return getattr(transformers, name).from_pretrained(str(folder), local_files_only=True)
+
+
+def load_or_train_tokenizer(tokenizer_dir: Path, texts: Iterator[str] | None, vocab_size: int, family=None):
+    """Reuse the tokenizer in tokenizer_dir when there is one (as the prior art did), otherwise train one from
+    `texts` into it."""
     tokenizer_dir = Path(tokenizer_dir)
-    if (tokenizer_dir / "tokenizer.json").is_file():
-        return load_tokenizer(tokenizer_dir)
+    if (tokenizer_dir / "tokenizer.json").is_file() or (tokenizer_dir / "spiece.model").is_file():
+        return load_tokenizer(tokenizer_dir, family)
     if texts is None:
         raise FileNotFoundError(f"{tokenizer_dir}: no tokenizer there and no training text to build one")
     log.info("training a %d-token tokenizer into %s", vocab_size, tokenizer_dir)

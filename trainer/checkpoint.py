@@ -16,17 +16,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_model
+from safetensors.torch import load_model, save_model
 
 from lowmem_train.config.errors import ConfigError
 from lowmem_train.config.loader import config_from_dict, config_to_dict, save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
+from lowmem_train.model.pretrained import ARCHITECTURE, save_architecture
 from lowmem_train.trainer import distributed
 from lowmem_train.trainer.backend import Backend
 from lowmem_train.trainer.compat import zero3_local_shard
 from lowmem_train.trainer.cpu_adam_resume import replay_bias_correction
 from lowmem_train.trainer.faults import KILL_IN_SAVE, SLOW_SAVE
+from lowmem_train.trainer.metrics import LOWER_IS_BETTER
 from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, DS_UNIVERSAL_TAG, STATE_FILE, ResumePoint,
                                         checkpoint_name, complete_checkpoints, dir_size, fsync_dir, fsync_tree,
                                         library_versions, read_checkpoint, write_model_folder)
@@ -99,7 +101,11 @@ class Checkpointer:
             return final  # saved at this step already (e.g. an epoch end right after a save_steps save)
         if not self.has_disk_space():
             return None
-        state.eval_loss = None if last_eval is None else last_eval.loss
+        if last_eval is None:
+            state.eval_score = None
+        else:
+            name = self.cfg.eval.best_metric
+            state.eval_score = last_eval.value(name) * (1 if LOWER_IS_BETTER[name] else -1)
         if backend.is_main:
             if final.exists():  # not ours: a checkpoint that did not read back when this run started
                 log.warning("replacing %s: it is not a checkpoint of this run (it did not read back at start)", final)
@@ -113,6 +119,8 @@ class Checkpointer:
             (tmp / "model").mkdir()
             save_model(backend.accelerator.unwrap_model(model), str(tmp / "model" / "model.safetensors"))  # tied weights
             torch.save(optimizer.state_dict(), tmp / "model" / "optimizer.pt")
+        if backend.is_main and self.cfg.model.name_or_path:  # the architecture, should the user's folder move
+            save_architecture(backend.accelerator.unwrap_model(model), tmp / ARCHITECTURE)
         torch.save(rng_state(), tmp / "rng" / f"rank_{backend.rank:05d}.pt")
         KILL_IN_SAVE.after_files_written()
         SLOW_SAVE.after_files_written()
@@ -159,13 +167,13 @@ class Checkpointer:
         return False
 
     def prune(self) -> None:
-        """Keep the newest keep_latest_n_ckp and the best by validation loss; remove debris of killed saves."""
+        """Keep the newest keep_latest_n_ckp and the best by --eval.best_metric; remove debris of killed saves."""
         ckpts = complete_checkpoints(self.root)
         keep = set(ckpts[: self.cfg.keep_latest_n_ckp])
         scored = []
         for p in ckpts:
             try:
-                scored.append((read_checkpoint(p).state.eval_loss, p))
+                scored.append((read_checkpoint(p).state.eval_score, p))
             except ValueError:
                 continue
         scored = [(loss, p) for loss, p in scored if loss is not None]
@@ -229,13 +237,15 @@ class Checkpointer:
         """Fields that would silently corrupt a resumed run must match the checkpoint's; the rest may change."""
         saved = config_from_dict(point.config, where=str(point.path / STATE_FILE))
         now = self.cfg
+        # name_or_path may move: the shape fields it resolved to and the tokenizer's fingerprint are what must match
         frozen = {f"model.{k}": (getattr(saved.model, k), getattr(now.model, k)) for k in vars(now.model)
-                  if k != "attn_implementation"}
+                  if k not in ("attn_implementation", "name_or_path")}
         fingerprinted = bool(point.tokenizer and self.vocab)  # older checkpoints carry none: the path must match
         if not fingerprinted:
             frozen["tokenizer_dir"] = (saved.tokenizer_dir, now.tokenizer_dir)
         frozen.update({"max_seq_len": (saved.max_seq_len, now.max_seq_len),
-                       "seed": (saved.seed, now.seed)})
+                       "seed": (saved.seed, now.seed),
+                       "eval.best_metric": (saved.eval.best_metric, now.eval.best_metric)})  # best_score's unit
         changed = [f"--{k} ({a!r} -> {b!r})" for k, (a, b) in frozen.items() if a != b]
         if fingerprinted and point.tokenizer != self.vocab:  # e.g. the same folder, retrained
             changed.append(f"the tokenizer in {now.tokenizer_dir} (vocabulary {point.tokenizer} -> {self.vocab})")
@@ -243,25 +253,20 @@ class Checkpointer:
             raise ConfigError(f"cannot resume {point.path}: {', '.join(changed)} differ from the checkpoint; "
                               f"use the checkpoint's values or start a new --output_dir")
 
-    def load_finetune_weights(self, model) -> None:
-        source = Path(self.cfg.finetune_from or Path(self.cfg.output_dir) / "final")
-        weights = source / "model.safetensors"
-        if not weights.is_file():
-            raise ConfigError(f"--is_finetune: no model.safetensors in {source}; set --finetune_from to an exported model")
+    def load_pretrained(self, model) -> None:
+        """The weights of cfg.model.name_or_path, strictly (model/pretrained.py); under ZeRO-3 the partitioned
+        parameters are gathered, loaded on rank 0 and split again."""
+        from lowmem_train.model.pretrained import PretrainedFolder, load_weights
+
         params = list(model.parameters())
-        if zero3_local_shard(params[0]) is not None:  # built partitioned (ZeRO-3): gather, load on rank 0, re-split
+        gather = None
+        if zero3_local_shard(params[0]) is not None:
             import deepspeed
 
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
-                missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-        else:
-            missing, unexpected = model.load_state_dict(load_file(weights), strict=False)
-        missing = [k for k in missing if not k.endswith("lm_head.weight")]  # tied to the embeddings
-        if missing or unexpected:
-            raise ConfigError(f"--is_finetune: {source} does not match the configured model "
-                              f"({len(missing)} missing, {len(unexpected)} unexpected tensors, e.g. "
-                              f"{(missing + unexpected)[0]}); use the same --model.* options it was trained with")
-        log.info("fine-tuning from %s (fresh optimizer and schedule)", source)
+            gather = deepspeed.zero.GatheredParameters(params, modifier_rank=0)
+        folder = PretrainedFolder(self.cfg.model.name_or_path)
+        load_weights(model, folder, gather)
+        log.info("starting from the pretrained weights in %s (fresh optimizer and schedule)", folder.path)
 
     # ---- the final model ---------------------------------------------------------------------------------------
     def export_final(self, model, tokenizer, step: int) -> Path:

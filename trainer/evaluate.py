@@ -1,5 +1,6 @@
-"""Validation over the whole validation split, sharded across ranks and summed: loss, perplexity and
-exact-match accuracy of greedy generation, overall and per case. (The prior art scored the last batch only.)
+"""Validation over the whole validation split, sharded across ranks and summed: loss and perplexity, and the
+scores (--eval.metrics: exact match, BLEU, ROUGE-L; trainer/metrics.py) of greedy answers, exact match per case
+too. (The prior art scored BLEU on the last batch only.) --eval.generate=false skips generation: loss only.
 
 Rank r scores rows r, r+W, r+2W, ...; every rank runs the same number of batches (short ranks pad with
 zero-weight rows) because under ZeRO-3 a forward pass is a collective. A validation file with a `case` column
@@ -28,6 +29,7 @@ from lowmem_train.trainer.data.encode import Encoder, collate
 from lowmem_train.trainer.data.source import ParquetIndex, iter_rows
 from lowmem_train.trainer.faults import OOM_FAULT
 from lowmem_train.trainer.memory.policy import OutOfMemoryGiveUp
+from lowmem_train.trainer.metrics import METRICS, describe, normalised
 from lowmem_train.trainer.step import OOM_ERRORS, OutOfMemoryInCollective
 
 log = logging.getLogger(__name__)
@@ -36,8 +38,8 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvalResult:
     loss: float
-    exact_match: float
     samples: int
+    scores: dict[str, float] = field(default_factory=dict)  # metric name -> score (metrics.py), when generated
     examples: list[tuple[str, str, str]] = field(default_factory=list)  # (prompt, expected, predicted)
     by_case: dict[str, tuple[int, int]] = field(default_factory=dict)  # case -> (correct, scored)
     batch_size: int = 0  # rows per forward pass it ran with
@@ -46,15 +48,29 @@ class EvalResult:
     def perplexity(self) -> float:
         return math.exp(min(self.loss, 50.0))
 
+    @property
+    def exact_match(self) -> float | None:
+        return self.scores.get("exact_match")
+
+    def value(self, name: str) -> float:
+        """`loss` or a score, by name (--eval.best_metric)."""
+        return self.loss if name == "loss" else self.scores[name]
+
+    def describe_scores(self) -> str:
+        """'exact match 98.55%, BLEU 97.10'; '' when nothing was generated."""
+        return ", ".join(describe(name, value) for name, value in self.scores.items())
+
     def describe_cases(self) -> str:
         """'no zero 99.8% (812), inner zero 97.1% (410), ...', or '' without cases."""
         return ", ".join(f"{case} {100 * c / max(n, 1):.1f}% ({n})" for case, (c, n) in self.by_case.items())
 
 
 class Evaluator:
-    def __init__(self, backend: Backend, index: ParquetIndex, encoder: Encoder, max_samples: int = 0):
+    def __init__(self, backend: Backend, index: ParquetIndex, encoder: Encoder, max_samples: int = 0,
+                 metrics: tuple[str, ...] = ("exact_match",), generate: bool = True):
         self.backend, self.index, self.encoder = backend, index, encoder
         self.max_samples = max_samples
+        self.metrics = [METRICS[name] for name in metrics] if generate else []
         self.batch_cap: int | None = None  # the largest batch that fitted after an out-of-memory error
         self.tokenizer, self.family = encoder.tokenizer, encoder.family
         self.has_cases = len(index.columns) > 2  # (prompt, response, case)
@@ -85,7 +101,8 @@ class Evaluator:
         net.eval()
         rows, real, cases = self.rows_of_this_rank()
         size = max(1, min(batch_size, self.batch_cap or batch_size))
-        loss_sum = tokens = correct = counted = 0.0
+        loss_sum = tokens = counted = 0.0
+        stats = {m.name: [0.0] * m.width for m in self.metrics}
         case_correct, case_counted = dict.fromkeys(cases, 0.0), dict.fromkeys(cases, 0.0)
         examples: list[tuple[str, str, str]] = []
         start = 0
@@ -103,27 +120,33 @@ class Evaluator:
             chunk_loss, chunk_tokens, predicted, weights = scored
             loss_sum += chunk_loss
             tokens += chunk_tokens
-            for row, pred, w in zip(chunk, predicted, weights):
-                if not w:
-                    continue
-                hit = pred.replace(" ", "") == self.normalise(row[1])
-                correct += hit
-                counted += 1
+            kept = [(row, pred) for row, pred, w in zip(chunk, predicted, weights) if w]
+            counted += len(kept)
+            answers, expected = [pred for _, pred in kept], [self.reference(row[1]) for row, _ in kept]
+            for metric in self.metrics:
+                stats[metric.name] = [a + b for a, b in zip(stats[metric.name], metric.stats(answers, expected))]
+            for (row, pred), ref in zip(kept, expected):
                 if self.has_cases:
-                    case_correct[str(row[2])] += hit
+                    case_correct[str(row[2])] += normalised(pred) == normalised(ref)
                     case_counted[str(row[2])] += 1
                 if len(examples) < 3 and backend.is_main:
-                    examples.append((str(row[0]), str(row[1]), pred))
+                    examples.append((str(row[0]), ref, pred))
         self.encoder.take_stats()  # validation rows are not training statistics
         if was_training:
             net.train()
-        totals = distributed.sum_(backend, [loss_sum, tokens, correct, counted, *case_correct.values(),
-                                            *case_counted.values()])
-        loss_sum, tokens, correct, counted = totals[:4]
-        per_case = totals[4:]
+        flat = [v for m in self.metrics for v in stats[m.name]]
+        totals = distributed.sum_(backend, [loss_sum, tokens, counted, *case_correct.values(), *case_counted.values(),
+                                            *flat])
+        loss_sum, tokens, counted = totals[:3]
+        per_case, flat = totals[3:3 + 2 * len(cases)], totals[3 + 2 * len(cases):]
+        scores = {}
+        for metric in self.metrics:
+            scores[metric.name], flat = metric.score(flat[:metric.width]), flat[metric.width:]
         by_case = {case: (int(per_case[i]), int(per_case[len(cases) + i])) for i, case in enumerate(cases)}
-        return EvalResult(loss=loss_sum / max(tokens, 1), exact_match=correct / max(counted, 1), samples=int(counted),
-                          examples=examples, by_case=by_case, batch_size=size)
+        if not self.metrics:
+            by_case = {}
+        return EvalResult(loss=loss_sum / max(tokens, 1), samples=int(counted), scores=scores, examples=examples,
+                          by_case=by_case, batch_size=size)
 
     def score(self, net, chunk: list[tuple], weights: list[float]):
         """(summed token loss, target tokens, greedy answers, weights) of one batch; None when no row encodes."""
@@ -139,7 +162,8 @@ class Evaluator:
         batch["labels"] = batch["labels"].masked_fill(~keep[:, None], IGNORE_INDEX)
         OOM_FAULT.before_eval(len(chunk), self.backend.rank)
         loss = float(self.family.token_loss_sum(net, batch))
-        return loss, self.family.target_tokens(batch["labels"]), self.generate(net, pairs), weights
+        answers = self.generate(net, pairs) if self.metrics else [""] * len(pairs)
+        return loss, self.family.target_tokens(batch["labels"]), answers, weights
 
     def after_out_of_memory(self, size: int) -> int:
         """The batch size to score the same rows with after an out-of-memory error (module docstring)."""
@@ -153,19 +177,17 @@ class Evaluator:
                     self.batch_cap)
         return self.batch_cap
 
-    def normalise(self, text) -> str:
-        """The expected answer as the tokenizer would give it back (NFKC, no spaces)."""
+    def reference(self, text) -> str:
+        """The expected answer as the tokenizer gives it back (NFKC and the like), token-id rows decoded."""
         if not isinstance(text, str):
-            text = self.tokenizer.decode([t for t in text if t >= 0], skip_special_tokens=True)
-            return text.replace(" ", "")
+            return self.tokenizer.decode([t for t in text if t >= 0], skip_special_tokens=True)
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return self.tokenizer.decode(ids, skip_special_tokens=True).replace(" ", "")
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
 
     def generate(self, net, pairs: list[tuple[list[int], list[int]]]) -> list[str]:
         """Greedy answers for a batch of encoded rows (prompts laid out and padded as `generate` does it)."""
         prompts = [self.family.prompt_of(ids, labels) for ids, labels in pairs]
         room = self.family.generation_room(self.encoder.max_seq_len, max(len(p) for p in prompts))
         synced = self.backend.zero_stage == 3 and self.backend.world_size > 1
-        answers = generate_batch(net, self.tokenizer, self.family, prompts, room, do_sample=False, num_beams=1,
-                                 synced_gpus=synced)
-        return [a.replace(" ", "") for a in answers]
+        return generate_batch(net, self.tokenizer, self.family, prompts, room, do_sample=False, num_beams=1,
+                              synced_gpus=synced)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from lowmem_train.config.errors import ConfigError, first_line
 from lowmem_train.config.shipped import ROOT
+from lowmem_train.model.pretrained import ARCHITECTURE
 from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, STATE_FILE, ResumePoint, newest_intact, read_checkpoint,
                                         write_model_folder)
 
@@ -44,13 +45,15 @@ def export_checkpoint(checkpoint: Path, output: Path, tokenizer_dir: str = "", o
 
     run_cfg = config_from_dict(point.config, where=str(point.path / STATE_FILE))
     run_cfg.gradient_checkpointing = False  # a training-time memory choice; it would turn the KV cache off
-    tokenizer, tokenizer_dir = load_saved_tokenizer(run_cfg.tokenizer_dir, tokenizer_dir, point.path)
+    family = families.get(run_cfg.model.type)
+    tokenizer, tokenizer_dir = load_saved_tokenizer(run_cfg.tokenizer_dir, tokenizer_dir, point.path, family)
     state_dict, source = read_weights(point.path)
-    model = build_model(run_cfg, tokenizer)
+    architecture = point.path / ARCHITECTURE  # a pretrained model's, kept with the checkpoint (pretrained.py)
+    model = build_model(run_cfg, tokenizer, architecture if architecture.is_dir() else None)
     load_weights(model, state_dict, point.path, tokenizer_dir)
     provenance = {"checkpoint": str(point.path.resolve()), "step": point.state.step, "epoch": point.state.position.epoch,
                   "model_type": run_cfg.model.type, "weights": source, "tokenizer_dir": str(tokenizer_dir)}
-    write_model_folder(model, tokenizer, families.get(run_cfg.model.type), run_cfg.max_seq_len, output, provenance)
+    write_model_folder(model, tokenizer, family, run_cfg.max_seq_len, output, provenance)
     return ExportResult(point, output, run_cfg.model.type, sum(p.numel() for p in model.parameters()), source)
 
 
@@ -99,7 +102,7 @@ def find_checkpoint(path: Path) -> ResumePoint:
     return point
 
 
-def load_saved_tokenizer(saved: str, override: str, ckpt: Path):
+def load_saved_tokenizer(saved: str, override: str, ckpt: Path, family=None):
     """The tokenizer the run trained with; a relative saved path is tried from here, then from the project root."""
     from lowmem_train.model.tokenizer import load_tokenizer
 
@@ -110,9 +113,9 @@ def load_saved_tokenizer(saved: str, override: str, ckpt: Path):
         if not Path(saved).is_absolute():
             candidates.append(ROOT / saved)  # a run started in a checkout names it relative to the checkout
     for folder in candidates:
-        if (folder / "tokenizer.json").is_file():
+        if (folder / "tokenizer.json").is_file() or (folder / "spiece.model").is_file():
             try:
-                return load_tokenizer(folder), folder
+                return load_tokenizer(folder, family), folder
             except (OSError, ValueError) as exc:
                 raise ConfigError(f"{flag}: cannot use {folder} ({exc})") from None
     where = " or ".join(str(c) for c in candidates)

@@ -28,9 +28,9 @@ class DataPosition:
 class TrainState:
     step: int = 0
     position: DataPosition = field(default_factory=DataPosition)
-    best_loss: float = math.inf
+    best_score: float = math.inf  # the best --eval.best_metric so far, as a loss (a score that rises is negated)
     bad_evals: int = 0
-    eval_loss: float | None = None  # validation loss when this checkpoint was written (for "keep best")
+    eval_score: float | None = None  # that figure when this checkpoint was written (pruning keeps the best)
     plan: dict = field(default_factory=dict)  # the memory guard's state
     world_size: int = 1
     global_batch: int = 0
@@ -39,12 +39,15 @@ class TrainState:
         """JSON-ready; the position's fields sit at the top level (the layout of train_state.json)."""
         d = asdict(self)
         d.update(d.pop("position"))
-        d["best_loss"] = None if math.isinf(self.best_loss) else self.best_loss
+        d["best_score"] = None if math.isinf(self.best_score) else self.best_score
         return d
 
     @classmethod
     def from_state_dict(cls, d: dict) -> "TrainState":
         d = dict(d)
-        d["best_loss"] = math.inf if d.get("best_loss") is None else d["best_loss"]
+        for old, new in (("best_loss", "best_score"), ("eval_loss", "eval_score")):  # checkpoints before 2026-12
+            if old in d:
+                d.setdefault(new, d.pop(old))
+        d["best_score"] = math.inf if d.get("best_score") is None else d["best_score"]
         position = DataPosition(int(d.pop("epoch", 0)), int(d.pop("samples_seen", 0)))
         return cls(position=position, **{k: v for k, v in d.items() if k in cls.__dataclass_fields__})

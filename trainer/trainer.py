@@ -25,6 +25,7 @@ from lowmem_train.config.loader import save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
 from lowmem_train.model.build import build_model
+from lowmem_train.model.pretrained import ARCHITECTURE
 from lowmem_train.trainer import denormals, distributed, run_folder, threads
 from lowmem_train.trainer.backend import launched_world_size, make_backend, make_optimizer
 from lowmem_train.trainer.checkpoint import Checkpointer, needs_universal
@@ -38,6 +39,7 @@ from lowmem_train.trainer.memory.estimate import check_fits
 from lowmem_train.trainer.memory.guard import MemoryGuard
 from lowmem_train.trainer.memory.policy import OutOfMemoryGiveUp
 from lowmem_train.trainer.memory.snapshot import memory_snapshot
+from lowmem_train.trainer.metrics import LOWER_IS_BETTER, normalised
 from lowmem_train.trainer.run_log import RunLog
 from lowmem_train.trainer.schedule import lr_at
 from lowmem_train.trainer.state import TrainState
@@ -178,10 +180,10 @@ class Trainer:
             self.evaluate()
         final_dir = self.checkpointer.export_final(self.model, self.tokenizer, state.step)
         if self.last_eval is not None:
-            cases = self.last_eval.describe_cases()
-            log.info("done: %d steps (%s samples/s); validation loss %.4f, exact match %.2f%% on %d held-out samples%s; "
-                     "model in %s", state.step, f"{self.run_log.samples_per_s():,.0f}", self.last_eval.loss,
-                     100 * self.last_eval.exact_match, self.last_eval.samples, f" ({cases})" if cases else "", final_dir)
+            scores, cases = self.last_eval.describe_scores(), self.last_eval.describe_cases()
+            log.info("done: %d steps (%s samples/s); validation loss %.4f%s on %d held-out samples%s; model in %s",
+                     state.step, f"{self.run_log.samples_per_s():,.0f}", self.last_eval.loss,
+                     f", {scores}" if scores else "", self.last_eval.samples, f" ({cases})" if cases else "", final_dir)
         return FitResult(state.step, self.last_eval, self.stopped_early, final_dir)
 
     # ---- pieces of the loop ----------------------------------------------------------------------------------
@@ -230,21 +232,25 @@ class Trainer:
         result = self.evaluator.run(self.model, 2 * self.guard.plan.micro_batch)  # where training fits (evaluate.py)
         self.last_eval, self.last_eval_step = result, self.state.step
         self.run_log.write("eval", self.state.step, epoch=self.state.position.epoch, loss=result.loss,
-                           perplexity=result.perplexity, exact_match=result.exact_match, samples=result.samples,
-                           batch_size=result.batch_size,
+                           perplexity=result.perplexity, samples=result.samples, batch_size=result.batch_size,
+                           **result.scores,
                            **{f"exact_match/{case}": c / max(n, 1) for case, (c, n) in result.by_case.items()})
-        cases = result.describe_cases()
-        log.info("eval @ step %d: loss %.4f ppl %.3f exact match %.2f%% (%d samples, %.1fs)%s", self.state.step,
-                 result.loss, result.perplexity, 100 * result.exact_match, result.samples, time.perf_counter() - t0,
+        scores, cases = result.describe_scores(), result.describe_cases()
+        log.info("eval @ step %d: loss %.4f ppl %.3f%s (%d samples, %.1fs)%s", self.state.step, result.loss,
+                 result.perplexity, f" {scores}" if scores else "", result.samples, time.perf_counter() - t0,
                  f"; by case: {cases}" if cases else "")
         for prompt, expected, got in result.examples:
-            log.info("  %s -> %s %s", prompt, got, "ok" if got == expected.replace(" ", "") else f"(expected {expected})")
-        if result.loss < self.state.best_loss - 1e-12:
-            self.state.best_loss, self.state.bad_evals = result.loss, 0
+            log.info("  %s -> %s %s", prompt, got, "ok" if normalised(got) == normalised(expected) else
+                     f"(expected {expected})")
+        # --eval.best_metric, as a loss (lower is better): it keeps the best checkpoint and drives --patience.
+        name = self.cfg.eval.best_metric
+        score = result.value(name) * (1 if LOWER_IS_BETTER[name] else -1)
+        if score < self.state.best_score - 1e-12:
+            self.state.best_score, self.state.bad_evals = score, 0
         else:
             self.state.bad_evals += 1
             if self.cfg.patience and self.state.bad_evals >= self.cfg.patience:
-                log.info("early stop: no better validation loss in %d evaluations", self.state.bad_evals)
+                log.info("early stop: no better validation %s in %d evaluations", name, self.state.bad_evals)
                 self.stopped_early = True
 
     def save(self) -> None:
@@ -318,10 +324,11 @@ class Trainer:
         if resume is not None:
             self.checkpointer.check_compatible(resume)
             self.checkpointer.prepare_world_size_change(resume)
+        architecture = resume.path / ARCHITECTURE if resume and (resume.path / ARCHITECTURE).is_dir() else None
         with self.backend.model_init():
-            self.model = build_model(cfg, self.tokenizer)
-        if cfg.is_finetune and resume is None:  # a resumed fine-tuning run continues from its own checkpoint
-            self.checkpointer.load_finetune_weights(self.model)
+            self.model = build_model(cfg, self.tokenizer, architecture)
+        if cfg.model.name_or_path and resume is None:  # a resumed run continues from its own checkpoint
+            self.checkpointer.load_pretrained(self.model)
         self.model, self.optimizer = self.backend.prepare(self.model, make_optimizer(self.backend, self.model, cfg))
         self.guard.attach(self.backend, self.model, self.out)
         encoder = Encoder(self.tokenizer, cfg.model.type, cfg.max_seq_len, cfg.data.overlong)
@@ -331,7 +338,8 @@ class Trainer:
         self.evaluator = None
         if data.validation_index is not None:
             self.evaluator = Evaluator(self.backend, data.validation_index, Encoder(self.tokenizer, cfg.model.type,
-                                       cfg.max_seq_len, "truncate"), cfg.data.eval_max_samples)
+                                       cfg.max_seq_len, "truncate"), cfg.data.eval_max_samples,
+                                       tuple(cfg.eval.metrics), cfg.eval.generate)
         # The schedule spans all epochs; max_steps only stops early, so a later resume continues it exactly.
         self.total_steps = cfg.epochs * self.dataset.steps_per_epoch()
         self.state = TrainState(world_size=world, global_batch=self.global_batch)
@@ -368,8 +376,9 @@ class Trainer:
         engine = b.describe()
         where = f"{b.world_size} process(es) on {b.accelerator.device}" + (
             f" ({b.accelerator.distributed_type.name})" if b.world_size > 1 else "")
-        log.info("%s %s, %.2fM parameters; %s; %s; precision %s; %d CPU threads per rank (%s)", cfg.model.type,
-                 cfg.output_dir, params / 1e6, where, engine, b.precision, *self.cpu_threads)
+        origin = f" from {cfg.model.name_or_path}" if cfg.model.name_or_path else ""
+        log.info("%s %s, %.2fM parameters%s; %s; %s; precision %s; %d CPU threads per rank (%s)", cfg.model.type,
+                 cfg.output_dir, params / 1e6, origin, where, engine, b.precision, *self.cpu_threads)
         log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
                  "accumulation %d x %d processes); from epoch %d step %d", self.train_index.num_rows,
                  len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,

@@ -46,6 +46,11 @@ def register(family: "ModelFamily") -> None:
     _REGISTERED[family.name] = family
 
 
+def supported_hf_types() -> list[str]:
+    """Every config.model_type some family trains."""
+    return sorted({t for name in names() for t in get(name).hf_model_types})
+
+
 def for_hf_config(config) -> "ModelFamily":
     """The family whose models a Hugging Face config describes (an exported folder's config.json)."""
     for name in names():

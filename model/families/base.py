@@ -2,6 +2,9 @@
 
 A family answers, for its models:
     build(cfg, vocab, specials)    a randomly initialised Hugging Face model sized by cfg.model (nothing downloaded)
+    build_pretrained(folder, cfg)  the architecture of a user's save_pretrained folder (hf_model_types), weights
+                                   loaded after (model/pretrained.py); model_fields() its shape as config fields
+    specials(tokenizer)            the token ids its layout needs, by role, with the family's fallbacks
     layout(prompt, response, ...)  one training row: input ids and the labels aligned to them, from token ids
                                    without special tokens (text rows and `prepare --tokenize` rows alike)
     prompt(prompt_ids, specials)   what the model reads at generation time; `template()` makes the exported
@@ -10,8 +13,13 @@ A family answers, for its models:
     answer(output, input_width)    the generated tokens that are the answer
     activation_elements(cfg, gpu)  saved-activation elements per layer, for the memory estimate
 
-Shared here: the layout rule every family follows (prompt, then `prompt_end`; the response ends with [EOS]),
-truncation, and the activation formula of a transformer layer.
+Shared here: the layout rule every family follows (prompt, then the prompt's end; the response ends with the end of
+sequence), truncation, and the activation formula of a transformer layer.
+
+Tokens by role, not by spelling: the bundled tokenizer's [PAD] [EOS] [SEP] [BOS] and a user's <pad> </s> or
+<|endoftext|> alike. Fallbacks (documented per family): no pad -> the end-of-sequence token, which every padded
+position hides behind the attention mask and the loss's ignore index (what GPT-2 and Llama users do); no separator
+-> the end-of-sequence token. A role with no fallback (no end-of-sequence token at all) is refused in one line.
 """
 
 from __future__ import annotations
@@ -27,23 +35,18 @@ if TYPE_CHECKING:
 IGNORE_INDEX = -100  # a label the loss ignores (Hugging Face's convention)
 
 
+class TokenizerRoleError(ValueError):
+    """The tokenizer has no token for a role the family needs, and the family has no fallback for it."""
+
+
 @dataclass(frozen=True)
 class Specials:
-    """Ids of the special tokens a layout uses (the prior art's [PAD], [EOS], [SEP], [BOS])."""
+    """Ids of the special tokens a layout uses, by role (the prior art's [PAD], [EOS], [SEP], [BOS])."""
 
     pad: int
     eos: int
-    sep: int | None = None
-    bos: int | None = None
-
-    @classmethod
-    def of(cls, tokenizer) -> "Specials":
-        return cls(tokenizer.pad_token_id, tokenizer.eos_token_id, getattr(tokenizer, "sep_token_id", None),
-                   getattr(tokenizer, "bos_token_id", None))
-
-    def id_of(self, token: str) -> int | None:
-        """'eos_token' -> self.eos: the id of a special token named as a tokenizer attribute."""
-        return getattr(self, token.removesuffix("_token"))
+    sep: int | None = None  # what ends a prompt (causal models); None where the family needs none
+    bos: int | None = None  # what opens a row, for families whose models expect one (Llama)
 
 
 @dataclass(frozen=True)
@@ -67,13 +70,51 @@ class ModelFamily:
     name: str = ""
     hf_model_types: tuple[str, ...] = ()  # config.model_type of the Hugging Face models this family builds
     encoder_decoder: bool = False
-    prompt_end: str = "eos_token"  # the special token (a tokenizer attribute) that ends a prompt
     padding_side: str = "right"  # of batched generation prompts
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
+    sentencepiece_tokenizer: str = ""  # the transformers class that converts a folder holding only spiece.model
+
+    # ---- tokens by role ------------------------------------------------------------------------------------------
+    def specials(self, tokenizer) -> Specials:
+        """The ids this family's layout uses (module docstring: fallbacks). Raises TokenizerRoleError."""
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise TokenizerRoleError("it has no end-of-sequence token (eos_token), which ends every answer")
+        pad = tokenizer.pad_token_id
+        return Specials(eos if pad is None else pad, eos, self.prompt_end_id(tokenizer, eos), None)
+
+    def prompt_end_id(self, tokenizer, eos: int) -> int:
+        """The token that ends a prompt: the end of sequence (T5's encoder input ends with it)."""
+        return eos
 
     # ---- the model -------------------------------------------------------------------------------------------
     def build(self, cfg: "RunConfig", vocab: int, specials: Specials):
         raise NotImplementedError
+
+    def build_pretrained(self, folder, cfg: "RunConfig"):
+        """A model of the folder's architecture (model/pretrained.PretrainedFolder), weights not yet loaded;
+        --model.dropout, when given, replaces the pretrained dropout."""
+        from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+        config = folder.config
+        if cfg.model.dropout is not None:
+            self.set_dropout(config, cfg.model.dropout)
+        auto = AutoModelForSeq2SeqLM if self.encoder_decoder else AutoModelForCausalLM
+        return auto.from_config(config, attn_implementation=cfg.model.attn_implementation)
+
+    def model_fields(self, config) -> dict:
+        """--model.* fields (d_model, layers, heads, d_ff, vocab_size) of a pretrained config."""
+        raise NotImplementedError
+
+    def pretrained_dropout(self, config) -> float:
+        raise NotImplementedError
+
+    def set_dropout(self, config, rate: float) -> None:
+        raise NotImplementedError
+
+    def max_positions(self, config) -> int | None:
+        """Tokens a pretrained model's positions cover (None: unbounded, relative positions)."""
+        return None
 
     def generation_defaults(self, cfg: "RunConfig", specials: Specials) -> dict:
         """generation_config fields of an exported model: what plain `model.generate(**tok(prompt))` needs."""
@@ -87,7 +128,7 @@ class ModelFamily:
 
     def prompt(self, prompt: list[int], specials: Specials) -> list[int]:
         """The model input for a prompt at generation time: the prompt and the token that ends it."""
-        return list(prompt) + [specials.id_of(self.prompt_end)]
+        return ([] if specials.bos is None else [specials.bos]) + list(prompt) + [specials.sep]
 
     def prompt_of(self, input_ids: list[int], labels: list[int]) -> list[int]:
         """The generation input inside an encoded training row (what evaluation feeds the model)."""
@@ -97,11 +138,13 @@ class ModelFamily:
         """The post-processor that makes `tokenizer(prompt)` add what `prompt()` adds (for exported tokenizers)."""
         from tokenizers.processors import TemplateProcessing
 
-        end = getattr(tokenizer, self.prompt_end)
-        eos = tokenizer.eos_token
-        specials = sorted({end, eos})
-        return TemplateProcessing(single=f"$A {end}", pair=f"$A {end} $B:1 {eos}:1",
-                                  special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in specials])
+        ids = self.specials(tokenizer)
+        token = tokenizer.convert_ids_to_tokens
+        end, eos = token(ids.sep), token(ids.eos)
+        start = "" if ids.bos is None else f"{token(ids.bos)} "
+        used = {end, eos} | (set() if ids.bos is None else {token(ids.bos)})
+        return TemplateProcessing(single=f"{start}$A {end}", pair=f"{start}$A {end} $B:1 {eos}:1",
+                                  special_tokens=[(t, tokenizer.convert_tokens_to_ids(t)) for t in sorted(used)])
 
     def collate_extra(self, batch: dict[str, torch.Tensor], pad_id: int) -> None:
         """Tensors besides input_ids / attention_mask / labels that a batch needs (added in place)."""

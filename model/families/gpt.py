@@ -5,6 +5,8 @@ Layout:  input_ids = prompt [SEP] response [EOS];  labels = input_ids with the p
 `pipeline("text-generation")` sends: it adds no special tokens), while `tok(prompt)` of the exported tokenizer
 ends the prompt with [SEP] itself. The model shifts labels left internally: position t predicts token t+1.
 Prompts of a batch are left-padded for generation, so that every row continues from its own last token.
+Roles: end of sequence (required); separator -> the end-of-sequence token when the tokenizer has none (GPT-2's
+has only <|endoftext|>: prompt <|endoftext|> response <|endoftext|>); pad -> end of sequence (base.py).
 """
 
 from __future__ import annotations
@@ -25,8 +27,24 @@ class GptFamily(ModelFamily):
     name = "gpt"
     hf_model_types = ("gpt2",)
     encoder_decoder = False
-    prompt_end = "sep_token"
     padding_side = "left"
+
+    def prompt_end_id(self, tokenizer, eos: int) -> int:
+        sep = getattr(tokenizer, "sep_token_id", None)
+        return eos if sep is None else sep
+
+    def model_fields(self, config) -> dict:
+        return {"d_model": config.n_embd, "num_layers": config.n_layer, "num_heads": config.n_head,
+                "num_decoder_layers": 0, "d_ff": config.n_inner or 4 * config.n_embd, "vocab_size": config.vocab_size}
+
+    def pretrained_dropout(self, config) -> float:
+        return float(config.resid_pdrop)
+
+    def set_dropout(self, config, rate: float) -> None:
+        config.resid_pdrop = config.embd_pdrop = config.attn_pdrop = rate
+
+    def max_positions(self, config) -> int | None:
+        return config.n_positions
 
     def build(self, cfg, vocab: int, specials: Specials):
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -34,7 +52,8 @@ class GptFamily(ModelFamily):
         m = cfg.model
         config = GPT2Config(
             vocab_size=vocab, n_embd=m.d_model, n_layer=m.num_layers, n_head=m.num_heads, n_inner=m.d_ff,
-            n_positions=cfg.max_seq_len, resid_pdrop=m.dropout, embd_pdrop=m.dropout, attn_pdrop=m.dropout,
+            n_positions=cfg.max_seq_len, resid_pdrop=m.dropout or 0.0, embd_pdrop=m.dropout or 0.0,
+            attn_pdrop=m.dropout or 0.0,
             pad_token_id=specials.pad, eos_token_id=specials.eos, bos_token_id=specials.bos,
             attn_implementation=m.attn_implementation,
         )
@@ -45,17 +64,19 @@ class GptFamily(ModelFamily):
         return {**super().generation_defaults(cfg, specials), "max_length": cfg.max_seq_len}
 
     def layout(self, prompt, response, specials, limit, overlong) -> Row | None:
-        too_long = len(prompt) + len(response) + 2 > limit
+        lead = [] if specials.bos is None else [specials.bos]  # families whose models open a row with one (Llama)
+        fixed = len(lead) + 2
+        too_long = len(prompt) + len(response) + fixed > limit
         if too_long:
             if overlong == "skip":
                 return None
             # Keep the end of the prompt and the start of the response, at least one response token.
             keep_prompt = min(len(prompt), max(1, limit // 2 - 1))
             prompt = prompt[len(prompt) - keep_prompt:]
-            response = response[: max(1, limit - keep_prompt - 2)]
+            response = response[: max(1, limit - keep_prompt - fixed)]
         target = [specials.sep] + list(response) + [specials.eos]
-        ids = list(prompt) + target
-        labels = [IGNORE_INDEX] * len(prompt) + target
+        ids = lead + list(prompt) + target
+        labels = [IGNORE_INDEX] * (len(lead) + len(prompt)) + target
         return Row(ids[:limit], labels[:limit], too_long)
 
     def prompt_of(self, input_ids, labels):
@@ -80,7 +101,7 @@ class GptFamily(ModelFamily):
         return max(1, limit - input_width)  # positions end at max_seq_len
 
     def activation_elements(self, cfg, gpu: bool):
-        m, s, dropout = cfg.model, cfg.max_seq_len, cfg.model.dropout > 0
+        m, s, dropout = cfg.model, cfg.max_seq_len, (cfg.model.dropout or 0) > 0
         # Only on a GPU does sdpa pick a kernel (flash / memory-efficient) that keeps no a*s^2 probabilities.
         fused = gpu and m.attn_implementation == "sdpa"
         layer = layer_elements(LAYER[dropout], s, m.d_model, m.d_ff, m.num_heads, fused)

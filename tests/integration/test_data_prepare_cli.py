@@ -78,3 +78,28 @@ def test_train_on_prepared_token_ids(tiny_task, tmp_path):
     wrong = run_cli(["train", f"--train_file={out / 'train.parquet'}", "--validation_file=",
                      f"--tokenizer_dir={tiny_task['tokenizer']}", f"--output_dir={tmp_path / 'wrong'}", *TINY_MODEL])
     assert wrong.returncode == 2 and "token ids of another tokenizer" in wrong.stderr and "Traceback" not in wrong.stderr
+
+
+def test_prepare_tokenizes_with_a_pretrained_models_own_tokenizer(tmp_path):
+    """`prepare --tokenize --tokenizer_dir` of a user's GPT-2 folder (byte-level BPE, no pad): the ids are the
+    tokenizer's own, and `train` from that pretrained folder takes the token-id parquet."""
+    from transformers import AutoTokenizer
+
+    from tests.pretrained_folders import make
+
+    model = make("gpt2", tmp_path / "gpt2")
+    raw = raw_jsonl(tmp_path / "raw.jsonl", rows=400, nulls=())
+    done = run_cli(["prepare", f"--input={raw}", f"--output_dir={tmp_path / 'data'}", "--prompt_column=question",
+                    "--response_column=answer", f"--tokenizer_dir={model}", "--tokenize", "--model_type=gpt"],
+                   timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = pq.read_table(tmp_path / "data" / "train.parquet").to_pylist()
+    tok = AutoTokenizer.from_pretrained(model)
+    first = json.loads(raw.read_text().splitlines()[0])
+    match = [r for r in table if r["prompt"] == tok(first["question"], add_special_tokens=False)["input_ids"]]
+    assert match and match[0]["response"] == tok(first["answer"], add_special_tokens=False)["input_ids"]
+    trained = run_cli(["train", f"--model.name_or_path={model}", f"--train_file={tmp_path / 'data' / 'train.parquet'}",
+                       f"--validation_file={tmp_path / 'data' / 'validation.parquet'}",
+                       f"--output_dir={tmp_path / 'run'}", "--max_steps=2", "--batch_size_per_gpu=16"], timeout=300)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+

@@ -88,3 +88,12 @@ def test_two_ranks_score_every_row_once_and_agree_with_one_process(memorised_gpt
         assert rank["samples"] == ROWS
         assert rank["exact_match"] == one["exact_match"]
         assert rank["loss"] == pytest.approx(one["loss"], rel=1e-5)
+    # BLEU from statistics summed over the ranks is sacrebleu's corpus BLEU of all the ranks' answers. (Not always
+    # one process's: a batch of other rows pads differently, and a doubtful greedy token may then differ.)
+    import sacrebleu
+
+    for run in (one, two[0]):
+        pairs = one["answers"] if run is one else two[0]["answers"] + two[1]["answers"]
+        corpus = sacrebleu.corpus_bleu([a for _, a in pairs], [[r for r, _ in pairs]], tokenize="zh").score
+        assert len(pairs) == ROWS and run["scores"]["bleu"] == pytest.approx(corpus, abs=0.01), (run["scores"], corpus)
+    assert two[0]["scores"] == two[1]["scores"] and 0 < one["scores"]["bleu"] < 100, one["scores"]

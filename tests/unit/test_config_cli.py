@@ -19,7 +19,7 @@ def test_equals_and_space_forms_and_booleans():
     cfg = parse("--learn_rate=3e-4", "--epochs", "3", "--is_keep_training=True", "--model.type", "gpt")
     assert (cfg.learn_rate, cfg.epochs, cfg.is_keep_training, cfg.model.type) == (3e-4, 3, True, "gpt")
     for word, value in [("true", True), ("False", False), ("1", True), ("0", False)]:
-        assert parse(f"--is_finetune={word}", "--finetune_from=x").is_finetune is value
+        assert parse(f"--force={word}").force is value
     assert parse("--is_keep_training").is_keep_training is True  # a bare boolean flag means true
 
 

@@ -31,9 +31,19 @@ def all_rows(source: Input) -> list[tuple]:
     return [row for b in source.batches() for row in zip(*(c.to_pylist() for c in b.columns))]
 
 
+def saved_datasets(tmp_path) -> dict[str, str]:
+    """The rows as Hugging Face users keep them: Dataset.save_to_disk, and a DatasetDict with a train split."""
+    import datasets
+
+    table = datasets.Dataset.from_list(ROWS)
+    table.save_to_disk(str(tmp_path / "saved"))
+    datasets.DatasetDict({"train": table, "test": table.select(range(3))}).save_to_disk(str(tmp_path / "dict"))
+    return {"save_to_disk": str(tmp_path / "saved"), "save_to_disk dict": str(tmp_path / "dict")}
+
+
 def test_every_format_gives_the_same_string_rows(tmp_path):
     expected = [(r["q"], r["a"]) for r in ROWS]  # csv "7" stays the string "7", not an integer
-    for fmt, path in write_inputs(tmp_path).items():
+    for fmt, path in {**write_inputs(tmp_path), **saved_datasets(tmp_path)}.items():
         source = Input(path, "q", "a")
         assert all_rows(source) == expected, fmt
         assert all_rows(source) == expected, fmt  # a second pass restarts the stream

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from lowmem_train.model import families
-from lowmem_train.model.families.base import IGNORE_INDEX, Specials
+from lowmem_train.model.families.base import IGNORE_INDEX
 
-SHIPPED = ["t5", "gpt"]
+SHIPPED = ["t5", "gpt", "llama"]
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def tok(tiny_task):
 
 def test_names_come_from_the_folder_default_first():
     assert families.names()[: len(SHIPPED)] == SHIPPED
-    with pytest.raises(ValueError, match="choose one of t5, gpt"):
+    with pytest.raises(ValueError, match="choose one of t5, gpt, llama"):
         families.get("bert")
 
 
@@ -42,7 +42,7 @@ def test_exported_tokenizer_encodes_prompts_as_training_did(tok, tmp_path, famil
     for prompt, response in [("12345", "一万二千三百四十五"), ("7", "七"), ("20240101", "二千零二十四万零一百零一")]:
         ids, labels = encoder.encode([(prompt, response)])[0]
         assert exported(prompt)["input_ids"] == fam.prompt_of(ids, labels) == fam.prompt(
-            tok(prompt, add_special_tokens=False)["input_ids"], Specials.of(tok))
+            tok(prompt, add_special_tokens=False)["input_ids"], fam.specials(tok))
         if not fam.encoder_decoder:  # a causal row is prompt and response as one sequence
             assert exported(prompt, response)["input_ids"] == ids
         else:  # a seq2seq target is the response as the tokenizer encodes a target
@@ -95,9 +95,9 @@ LLAMA = '''
 from lowmem_train.model.families.gpt import GptFamily
 
 
-class LlamaFamily(GptFamily):
-    name = "llama"
-    hf_model_types = ("llama",)
+class PluginFamily(GptFamily):
+    name = "plugin"
+    hf_model_types = ("plugin",)
 
     def build(self, cfg, vocab, specials):
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -110,24 +110,24 @@ class LlamaFamily(GptFamily):
             attn_implementation=m.attn_implementation))
 
 
-FAMILY = LlamaFamily()
+FAMILY = PluginFamily()
 '''
 
 
 @pytest.mark.slow
 def test_a_new_family_is_one_new_file(tiny_task, tmp_path, monkeypatch):
-    """Drop llama.py next to t5.py and gpt.py (here: a folder added to the families package's path): the config
+    """Drop plugin.py next to t5.py and gpt.py (here: a folder added to the families package's path): the config
     accepts it, the trainer trains it, evaluation and the final export go through it, and plain transformers
     loads the export and answers."""
     (tmp_path / "families").mkdir()
-    (tmp_path / "families" / "llama.py").write_text(textwrap.dedent(LLAMA), encoding="utf-8")
+    (tmp_path / "families" / "plugin.py").write_text(textwrap.dedent(LLAMA), encoding="utf-8")
     monkeypatch.setattr(families, "__path__", [*families.__path__, str(tmp_path / "families")])
     from lowmem_train.config.loader import build_config
     from lowmem_train.trainer.trainer import Trainer
 
-    assert "llama" in families.names()
+    assert "plugin" in families.names()
     out = tmp_path / "run"
-    cfg = build_config(None, {"model.type": "llama", "train_file": str(tiny_task["train"]),
+    cfg = build_config(None, {"model.type": "plugin", "train_file": str(tiny_task["train"]),
                               "validation_file": str(tiny_task["validation"]), "tokenizer_dir": str(tiny_task["tokenizer"]),
                               "output_dir": str(out), "model.d_model": "64", "model.d_ff": "128",
                               "model.num_heads": "2", "batch_size_per_gpu": "32", "max_steps": "6",

@@ -90,6 +90,9 @@ def saved_bytes_per_sample(cfg, vocab: int, batch: int = 2) -> float:
     {"model.type": "t5", "model.dropout": 0.0, "max_seq_len": 48},
     {"model.type": "gpt", "model.dropout": 0.1, "model.attn_implementation": "eager"},
     {"model.type": "gpt", "model.dropout": 0.0, "model.d_ff": 256},
+    {"model.type": "llama", "model.dropout": 0.0},
+    {"model.type": "llama", "model.dropout": 0.1, "max_seq_len": 48},
+    {"model.type": "llama", "model.dropout": 0.0, "model.attn_implementation": "eager", "model.d_ff": 256},
 ])
 def test_activations_match_what_autograd_keeps(overrides):
     cfg = build_config(None, {**TINY, "model.d_model": 128, "model.num_heads": 4, **overrides})
@@ -99,7 +102,7 @@ def test_activations_match_what_autograd_keeps(overrides):
     assert 0.85 < estimated / measured < 1.2, (estimated, measured)
 
 
-@pytest.mark.parametrize("kind", ["t5", "gpt"])
+@pytest.mark.parametrize("kind", ["t5", "gpt", "llama"])
 def test_checkpointing_keeps_layer_inputs_only(kind):
     cfg = build_config(None, {**TINY, "model.type": kind, "model.num_layers": 6, "model.num_decoder_layers": 6})
     full = activation_bytes_per_sample(cfg, 100, checkpointing=False)
@@ -169,6 +172,20 @@ def test_check_fits_counts_the_budget(tmp_path):
     if probe.sample().host_available < 3 * GB:
         pytest.skip("this machine has too little free memory for the passing half")
     assert check_fits(cfg, 1, probe=probe).fits
+
+
+def test_a_short_gpu_does_not_shed_the_loader_before_training(tmp_path):
+    """Workers live in host RAM: when only the GPU estimate is short (--force past the refusal), shedding them
+    before training buys nothing; the micro-batch is the guard's to decide from real samples."""
+    from lowmem_train.trainer.memory.estimate import loader_steps_to_fit
+
+    cfg = build_config("t5_small", {"tokenizer_dir": str(tmp_path / "none"), "data.num_workers": 4})
+    gpu_engine = Engine(None, 0, False, False, "bf16", 1, 1, True)
+    est = estimate_for_plan(cfg, model_shape(cfg), gpu_engine, Plan(16, 2, 4, True, 2, False))
+    roomy_host_small_gpu = Capacity(est.host_node * 4, "test", gpu=est.gpu_rank // 2, limit=est.host_node * 8)
+    assert loader_steps_to_fit(cfg, est, roomy_host_small_gpu) == (0, "")
+    tight_host = Capacity(int(est.host_node * 0.9), "test", gpu=est.gpu_rank * 2, limit=est.host_node)
+    assert loader_steps_to_fit(cfg, est, tight_host)[0] > 0
 
 
 def test_recommendation_keeps_the_global_batch_and_fits(tmp_path):

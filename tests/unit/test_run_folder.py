@@ -84,14 +84,24 @@ def test_overwrite_moves_the_old_run_aside_twice_without_clobbering(tmp_path):
     assert len(moved) == 2 and all((m / "checkpoints" / "step_00000010" / "train_state.json").is_file() for m in moved)
 
 
+def architecture_only(folder):
+    """A model folder as far as the config goes (config.json of a tiny T5): enough to resolve the shape."""
+    from transformers import T5Config
+
+    T5Config(d_model=32, d_ff=64, num_layers=1, num_heads=2, vocab_size=64).save_pretrained(str(folder))
+    return folder
+
+
 def test_fine_tuning_into_the_folder_it_reads_is_refused(tmp_path):
     out = tmp_path / "run"
-    (out / "final").mkdir(parents=True)
+    architecture_only(out / "final")
     with pytest.raises(ConfigError, match="a fine-tuning run needs a folder of its own"):
         run_folder.plan_start(cfg(out, is_finetune="true", overwrite_output_dir="true"))
 
 
-def test_resume_options_that_contradict_each_other_are_refused():
+def test_resume_options_that_contradict_each_other_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="--overwrite_output_dir starts a fresh run"):
         build_config(None, {"is_keep_training": "auto", "overwrite_output_dir": "true"})
-    assert build_config(None, {"is_keep_training": "auto", "is_finetune": "true"}).is_keep_training == "auto"
+    model = architecture_only(tmp_path / "model")
+    assert build_config(None, {"is_keep_training": "auto", "is_finetune": "true",
+                               "finetune_from": str(model)}).is_keep_training == "auto"

@@ -30,7 +30,15 @@ FORMATS = {".parquet": "parquet", ".jsonl": "json", ".json": "json", ".ndjson": 
 COMPRESSED = (".gz", ".bz2", ".zst", ".lz4")
 
 
+def is_saved_dataset(spec: str) -> bool:
+    """A folder written by Hugging Face datasets' save_to_disk (a Dataset, or a DatasetDict of splits)."""
+    path = Path(spec)
+    return path.is_dir() and ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file())
+
+
 def input_format(file: str) -> str:
+    if is_saved_dataset(file):
+        return "datasets"
     path = Path(file)
     suffix = path.with_suffix("").suffix if path.suffix in COMPRESSED else path.suffix
     if suffix.lower() not in FORMATS:
@@ -43,7 +51,8 @@ class Input:
 
     def __init__(self, spec: str, prompt_column: str, response_column: str):
         self.columns = (prompt_column, response_column)
-        self.files = [(f, input_format(f)) for f in resolve_files(spec, "--input")]
+        files = [spec] if is_saved_dataset(spec) else resolve_files(spec, "--input")
+        self.files = [(f, input_format(f)) for f in files]
         for file, fmt in self.files:
             names = self.column_names(file, fmt)
             for column in self.columns:
@@ -53,6 +62,8 @@ class Input:
 
     def column_names(self, file: str, fmt: str) -> list[str]:
         try:
+            if fmt == "datasets":
+                return saved_dataset(file).column_names
             if fmt == "parquet":
                 schema = open_parquet(file).schema_arrow
                 for column in self.columns:
@@ -83,6 +94,8 @@ class Input:
                 raise DataError(f"{file}: {first_line(exc)}") from None
 
     def read(self, file: str, fmt: str) -> Iterator[pa.RecordBatch]:
+        if fmt == "datasets":  # memory-mapped Arrow files, read a batch at a time
+            return _saved_batches(file, self.columns)
         if fmt == "parquet":  # buffered, one page at a time: a giant row group comes out as batches
             return open_parquet(file).iter_batches(batch_size=BATCH_ROWS, columns=list(self.columns), use_threads=False)
         stream = pa.input_stream(file, compression="detect")
@@ -93,6 +106,28 @@ class Input:
         schema = pa.schema([(c, pa.string()) for c in self.columns])
         return pjson.open_json(stream, read_options=pjson.ReadOptions(use_threads=False, block_size=1 << 20),
                                parse_options=pjson.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+
+
+def _saved_batches(folder: str, columns: tuple[str, str]) -> Iterator[pa.RecordBatch]:
+    for rows in saved_dataset(folder).select_columns(list(columns)).iter(batch_size=BATCH_ROWS):
+        yield pa.RecordBatch.from_pydict({c: pa.array(rows[c], pa.string()) for c in columns})
+
+
+def saved_dataset(folder: str):
+    """datasets.load_from_disk of a save_to_disk folder (memory-mapped: nothing is read until iterated); of a
+    DatasetDict, its "train" split (or its only one)."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(folder)
+    except (OSError, ValueError, FileNotFoundError) as exc:
+        raise DataError(f"--input: {folder} is not a readable save_to_disk folder ({first_line(exc)})") from None
+    if isinstance(saved, datasets.DatasetDict):
+        if "train" not in saved and len(saved) != 1:
+            raise DataError(f"--input: {folder} holds the splits {', '.join(saved)} and none is 'train'; pass the "
+                            f"split's own folder ({folder}/SPLIT)")
+        saved = saved["train"] if "train" in saved else next(iter(saved.values()))
+    return saved
 
 
 def drop_nulls(batch: pa.RecordBatch) -> tuple[pa.RecordBatch, int]:

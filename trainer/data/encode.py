@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from lowmem_train.model import families
-from lowmem_train.model.families.base import IGNORE_INDEX, Specials
+from lowmem_train.model.families.base import IGNORE_INDEX
 
 
 @dataclass
@@ -50,7 +50,7 @@ class Encoder:
 
     def __post_init__(self) -> None:
         self.family = families.get(self.model_type)
-        self.specials = Specials.of(self.tokenizer)
+        self.specials = self.family.specials(self.tokenizer)
 
     def encode(self, rows: Sequence[tuple]) -> list[tuple[list[int], list[int]]]:
         """(input_ids, labels) per kept row; token-id rows (from `prepare`) skip the tokenizer."""

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Callable, ContextManager, Iterator
 
 from lowmem_train.config.schema import RunConfig
-from lowmem_train.model.tokenizer import load_or_train_tokenizer
+from lowmem_train.model import families
+from lowmem_train.model.tokenizer import load_or_train_tokenizer, load_tokenizer
 from lowmem_train.trainer.data.encode import vocab_fingerprint
 from lowmem_train.trainer.data.source import DataError, ParquetIndex, iter_rows
 from lowmem_train.trainer.data.zh_numerals import write_task
@@ -62,11 +63,16 @@ def load_datasets(cfg: RunConfig, is_main: bool, main_first: Callable[[], Contex
         if is_main:
             ensure_bundled_task(cfg)
         train_index = ParquetIndex.build(cfg.train_file, columns, "--train_file")
-        if train_index.kind == "tokens" and not (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
+        tokenizer_files = [Path(cfg.tokenizer_dir) / name for name in ("tokenizer.json", "spiece.model")]
+        if train_index.kind == "tokens" and not any(f.is_file() for f in tokenizer_files):
             raise DataError(f"--train_file: {cfg.train_file} holds token ids, but --tokenizer_dir "
                             f"{cfg.tokenizer_dir} holds no tokenizer; pass the one `prepare` used")
-        texts = tokenizer_texts(train_index) if is_main else None
-        tokenizer = load_or_train_tokenizer(Path(cfg.tokenizer_dir), texts, cfg.model.vocab_size)
+        family = families.get(cfg.model.type)
+        if cfg.model.name_or_path:  # a pretrained model brings its tokenizer: never trained, nothing written there
+            tokenizer = load_tokenizer(Path(cfg.tokenizer_dir), family)
+        else:
+            texts = tokenizer_texts(train_index) if is_main else None
+            tokenizer = load_or_train_tokenizer(Path(cfg.tokenizer_dir), texts, cfg.model.vocab_size, family)
     check_token_ids(train_index, tokenizer, "--train_file")
     validation_index = None
     if cfg.validation_file:

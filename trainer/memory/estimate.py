@@ -93,7 +93,9 @@ def loader_steps_to_fit(cfg: RunConfig, est: Estimate, cap: Capacity) -> tuple[i
     spare, plan, steps = cap.spare(cfg), est.plan, 0
     first = estimate_for_plan(cfg, est.shape, est.engine, plan)
     candidate = first
-    while not fits(candidate, cap, spare) and (step := shed_loader(plan)) is not None:
+    # Host memory only: the loader lives there, and shedding it cannot help a GPU that is short (that is the
+    # micro-batch's business, which the guard decides from real samples).
+    while candidate.host_node + spare > cap.host and (step := shed_loader(plan)) is not None:
         plan, steps = step[0], steps + 1
         candidate = estimate_for_plan(cfg, est.shape, est.engine, plan)
     if not steps:

@@ -112,13 +112,15 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     from lowmem_train.model.build import build_model
 
     vocab, source = cfg.model.vocab_size, "model.vocab_size (no tokenizer yet)"
-    if (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
+    if cfg.model.name_or_path:  # the embedding's rows, from its config.json (the tokenizer may have fewer)
+        source = str(Path(cfg.model.name_or_path) / "config.json")
+    elif (Path(cfg.tokenizer_dir) / "tokenizer.json").is_file():
         from lowmem_train.model.tokenizer import vocab_size
 
         vocab, source = vocab_size(Path(cfg.tokenizer_dir)), cfg.tokenizer_dir
 
     class VocabOnly:  # build_model needs a length and the special ids, nothing else of a tokenizer
-        pad_token_id, eos_token_id, bos_token_id = 0, 1, 3
+        pad_token_id, eos_token_id, bos_token_id, sep_token_id = 0, 1, 3, 2
 
         def __len__(self) -> int:
             return vocab

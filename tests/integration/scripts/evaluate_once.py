@@ -40,12 +40,23 @@ def main() -> None:
                                "--validation_file", (cfg.data.case_column,))
     # As Trainer.setup builds it (its evaluate() runs it with 2 x the micro-batch in force as batch size).
     evaluator = Evaluator(backend, index, Encoder(tokenizer, cfg.model.type, cfg.max_seq_len, "truncate"),
-                          cfg.data.eval_max_samples)
+                          cfg.data.eval_max_samples, ("exact_match", "bleu", "rouge_l"))
     rows, real, _ = evaluator.rows_of_this_rank()
+    answers = []  # (prompt, answer) of every row this rank generated, padding rows included
+    generate = evaluator.generate
+
+    def recording(net, pairs):
+        out = generate(net, pairs)
+        answers.extend(out)
+        return out
+
+    evaluator.generate = recording
     result = evaluator.run(model, args.batch_size)
     torch.save({"rank": backend.rank, "world_size": backend.world_size, "real_rows": [r[2] for r in rows[:real]],
                 "batches": -(-len(rows) // result.batch_size), "loss": result.loss,
-                "exact_match": result.exact_match, "samples": result.samples, "by_case": result.by_case},
+                "exact_match": result.exact_match, "scores": result.scores, "samples": result.samples,
+                "answers": list(zip([r[1] for r in rows[:real]], answers[:real])),
+                "by_case": result.by_case},
                f"{args.out}.rank{backend.rank}.pt")
     distributed.leave_process_group()  # as the train command does: a rank exiting with gloo alive may abort
 
