@@ -12,6 +12,9 @@
 #   NUM_PROCESSES   training processes on this node (default: torch.cuda.device_count(), which respects MIG and
 #                   CUDA_VISIBLE_DEVICES; at least 1)
 #   LOWMEM_TRAIN    the program (default: lowmem-train, the console command that `pip install .` provides)
+#   LOWMEM_STOP_GRACE  seconds a stop signal leaves before the kill that follows it (default 120: `docker stop
+#                   -t 120`, the recipes' Slurm --signal=B:TERM@120 and terminationGracePeriodSeconds); the
+#                   launcher waits that long for stopping workers (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, unless set)
 #   PYTHON          the interpreter that counts GPUs (default: python3, the one that has torch)
 #   MASTER_PORT     the main process's port (default: 29500 across nodes, a free port on one machine)
 #   Slurm, one task per node: SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST (first host = main process; via
@@ -28,8 +31,9 @@
 #
 # Stopping (docker stop, Kubernetes, Slurm's --signal): SIGTERM or SIGINT to this script is forwarded to the
 # training processes themselves, never to the launcher. Every rank finishes its step, saves a checkpoint and
-# exits 0, and the launcher, seeing its workers succeed, exits 0 too. (Signalled itself, torchrun, which
-# `accelerate launch` runs, gives its workers 30 s before SIGKILL and then exits 1 whatever they did.) Each
+# exits 0, and the launcher, seeing its workers succeed, exits 0 too. (Signalled itself, as by Slurm's scancel,
+# torchrun, which `accelerate launch` runs, gives its workers LOWMEM_STOP_GRACE before SIGKILL, 30 s without
+# this script, and then exits non-zero whatever they did.) Each
 # worker runs under this same script in "worker mode", which records its exit code, so the codes above survive
 # the launcher, which reports any failure as 1.
 set -eu
@@ -141,6 +145,18 @@ for arg in "$@"; do
 done
 [ -z "$keep" ] || set -- "$@" --is_keep_training=auto
 
+# The launcher's stop window. torchrun's agent SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by
+# default) after a SIGTERM of its own (torch/distributed/launcher/api.py, LaunchConfig.shutdown_timeout), and
+# the agent gets one whenever every process of a job is signalled (Slurm's scancel, a terminal's Ctrl-C): a step
+# plus a checkpoint save longer than 30 s would die half-way, with no checkpoint and no requeue. It waits as long
+# as the scheduler does instead. (PET_SHUTDOWN_TIMEOUT, torchrun's own variable, wins over both.)
+grace=${LOWMEM_STOP_GRACE:-120}
+is_count "$grace" || die "LOWMEM_STOP_GRACE must be a positive number of seconds, got '$grace'"
+if [ -z "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-}" ]; then
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$grace
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+fi
+
 # ---- how many processes, on how many nodes.
 if [ -n "${NUM_PROCESSES:-}" ]; then
     is_count "$NUM_PROCESSES" || die "NUM_PROCESSES must be a positive integer, got '$NUM_PROCESSES'"
@@ -223,7 +239,8 @@ self=$0
 case $self in /*) ;; *) self=$(cd "$(dirname "$self")" && pwd)/$(basename "$self") ;; esac
 LOWMEM_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/lowmem-launch.XXXXXX")
 export LOWMEM_STATUS_DIR
-say "$total processes ($per_node per node x $nodes nodes, this is node $node_rank; main $main_addr:$main_port) on $where"
+say "$total processes ($per_node per node x $nodes nodes, this is node $node_rank; main $main_addr:$main_port)" \
+    "on $where; stop window ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT} s"
 mode=launcher
 trap 'forward TERM' TERM
 trap 'forward INT' INT

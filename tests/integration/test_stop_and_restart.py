@@ -1,0 +1,146 @@
+"""How a run on a cluster stops and comes back: the launcher's stop window, which failures a scheduler restarts.
+
+Slow: a real 2-process run through docker/entrypoint.sh (bare mode: this checkout's program, accelerate launch,
+DeepSpeed ZeRO-2 over gloo), whose checkpoint saves take 40 s longer (LOWMEM_FAULT_SLOW_SAVE). Every process of
+it gets SIGTERM at once, as `scancel --signal=TERM` delivers it to a Slurm step: torchrun's agent, signalled
+itself, kills its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds later (30 by default), so the save must still
+complete, and the run exit 0, because the entrypoint gives the launcher the whole stop grace.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import TINY_MODEL, task_options
+from tests.integration.stand_ins import (ENTRYPOINT, FAKE_SCONTROL, FAKE_SRUN, SBATCH, entrypoint, free_port, install,
+                                         launched)
+
+SLOW_SAVE = 40  # seconds: longer than torchrun's default 30 s window, as short as that allows
+
+
+def tail(path: Path, lines: int = 60) -> str:
+    kept = [line for line in path.read_text(errors="replace").replace("\r", "\n").splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+@pytest.mark.slow
+def test_a_save_longer_than_30_s_completes_when_every_process_gets_sigterm(tiny_task, tmp_path, deepspeed_ops):
+    program = Path(sys.executable).parent / "lowmem-train"
+    if not program.is_file():
+        pytest.skip(f"no {program}: pip install -e . provides it")
+    out, log = tmp_path / "run", tmp_path / "entrypoint.log"
+    env = {key: value for key, value in os.environ.items()
+           if not key.startswith(("SLURM_", "PET_", "LOWMEM_")) and key not in
+           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT")}
+    env.update(PATH=f"{Path(sys.executable).parent}:/usr/bin:/bin", PYTHONWARNINGS="ignore", TMPDIR=str(tmp_path),
+               LOWMEM_TRAIN=str(program), PYTHON=sys.executable, NUM_PROCESSES="2", MASTER_PORT=str(free_port()),
+               LOWMEM_FAULT_SLOW_SAVE=str(SLOW_SAVE))
+    # 128 steps an epoch: neither an epoch end nor max_steps saves (40 s each) before the signal
+    args = [*task_options(tiny_task, out), *TINY_MODEL, "--batch_size_per_gpu=16", "--data.eval_max_samples=8",
+            "--logging_steps=1", "--save_steps=1000", "--max_steps=100"]
+    with log.open("w") as sink:
+        run = subprocess.Popen(["sh", str(ENTRYPOINT), "train", *args], env=env, stdout=sink,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        metrics = out / "metrics.jsonl"
+        while not metrics.exists() or metrics.read_text().count('"train"') < 2:
+            assert run.poll() is None, f"the run ended before training (exit {run.returncode})\n{tail(log)}"
+            assert time.monotonic() < deadline, f"no training within 300 s\n{tail(log)}"
+            time.sleep(0.2)
+        tree = [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]
+        signalled = time.monotonic()
+        for member in tree:  # entrypoint, launcher, workers: as scancel --signal=TERM does
+            try:
+                member.send_signal(signal.SIGTERM)
+            except psutil.Error:
+                pass
+        code = run.wait(timeout=SLOW_SAVE + 90)
+        took = time.monotonic() - signalled
+    finally:
+        if run.poll() is None:
+            for member in [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]:
+                member.kill()
+    assert code == 0, f"exit {code} after {took:.0f} s\n{tail(log)}"
+    assert took >= SLOW_SAVE, f"the run ended {took:.0f} s after the signal: the slow save did not happen"
+    saved = (out / "checkpoints" / "latest").read_text().strip()
+    assert (out / "checkpoints" / saved / "train_state.json").is_file(), tail(log)
+    assert not (out / "final").exists(), "the run finished before the signal"
+    print(f"stopped, saved {saved} and exited 0 {took:.0f} s after SIGTERM to {len(tree)} processes")
+
+
+# ---- the entrypoint and the sbatch script alone, with stand-ins (tests/integration/stand_ins.py) -------------
+
+@pytest.mark.parametrize("given, expected", [({}, "120"), ({"LOWMEM_STOP_GRACE": "300"}, "300"),
+                                             ({"LOWMEM_STOP_GRACE": "300", "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "45"}, "45")])
+def test_entrypoint_gives_the_launcher_the_stop_grace(stand_ins, given, expected):
+    env, log = stand_ins
+    result = entrypoint(env, "train", NUM_PROCESSES="2", **given)
+    assert result.returncode == 0, result.stderr
+    launcher_env = (log / "accelerate.env").read_text().splitlines()
+    assert f"TORCH_ELASTIC_SHUTDOWN_TIMEOUT={expected}" in launcher_env
+    assert f"stop window {expected} s" in result.stderr
+
+
+def test_entrypoint_refuses_a_stop_grace_that_is_not_a_number(stand_ins):
+    env, log = stand_ins
+    result = entrypoint(env, "train", NUM_PROCESSES="2", LOWMEM_STOP_GRACE="2m")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "entrypoint: LOWMEM_STOP_GRACE must be a positive number of seconds, got '2m'"
+    assert launched(log) is None
+
+
+# The entrypoint as the sbatch script runs it in bare mode (LOWMEM_REPO/docker/entrypoint.sh), on every node:
+# records its environment, exits FAKE_CODE.
+FAKE_ENTRYPOINT = """\
+#!/bin/sh
+env >"$FAKE_SLURM_LOG/entrypoint-$SLURM_NODEID.env"
+exit "${FAKE_CODE:-0}"
+"""
+JOB_ID = "77"
+
+
+@pytest.fixture
+def slurm_job(tmp_path):
+    """docker/slurm.sbatch, run to its end with stand-ins for srun, scontrol and the entrypoint (2 nodes);
+    returns run(**env) -> (exit code, stderr), and the stand-ins' log folder."""
+    bin_dir, log, repo = tmp_path / "bin", tmp_path / "slurm", tmp_path / "repo"
+    log.mkdir()
+    install(bin_dir, sys.executable, srun=FAKE_SRUN, scontrol=FAKE_SCONTROL)
+    install(repo / "docker", sys.executable, **{"entrypoint.sh": FAKE_ENTRYPOINT})
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "LOWMEM_", "FAKE_"))}
+    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", FAKE_SLURM_LOG=str(log), OUTPUT_DIR=str(tmp_path / "run"),
+               LOWMEM_REPO=str(repo), SLURM_JOB_ID=JOB_ID, SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1")
+
+    def run(**extra: str) -> tuple[int, str]:
+        result = subprocess.run(["bash", str(SBATCH)], env=dict(env, **extra), capture_output=True, text=True,
+                                timeout=60, cwd=tmp_path)
+        return result.returncode, result.stderr
+
+    return run, log
+
+
+def entrypoint_env(log: Path, node: int = 0) -> dict[str, str]:
+    lines = (log / f"entrypoint-{node}.env").read_text().splitlines()
+    return dict(line.split("=", 1) for line in lines if "=" in line)
+
+
+def test_sbatch_gives_the_launcher_the_time_slurm_leaves(slurm_job):
+    run, log = slurm_job
+    code, stderr = run()
+    assert code == 0, stderr
+    signal_time = int(re.search(r"^#SBATCH --signal=B:TERM@(\d+)$", SBATCH.read_text(), re.M).group(1))
+    # Slurm may signal up to 60 s before --signal's time (sbatch(1)): the launcher never kills before Slurm would
+    assert entrypoint_env(log, 0)["LOWMEM_STOP_GRACE"] == entrypoint_env(log, 1)["LOWMEM_STOP_GRACE"] == \
+        str(signal_time + 60)
+    run(LOWMEM_STOP_GRACE="600")
+    assert entrypoint_env(log, 0)["LOWMEM_STOP_GRACE"] == "600"  # the user's own stands
