@@ -21,8 +21,8 @@ import psutil
 import pytest
 
 from tests.helpers import TINY_MODEL, task_options
-from tests.integration.stand_ins import (ENTRYPOINT, FAKE_SCONTROL, FAKE_SRUN, SBATCH, entrypoint, free_port, install,
-                                         launched)
+from tests.integration.stand_ins import (ENTRYPOINT, FAKE_SCANCEL, FAKE_SCONTROL, FAKE_SRUN, SBATCH, entrypoint, free_port,
+                                         install, launched)
 
 SLOW_SAVE = 40  # seconds: longer than torchrun's default 30 s window, as short as that allows
 
@@ -100,10 +100,15 @@ def test_entrypoint_refuses_a_stop_grace_that_is_not_a_number(stand_ins):
 
 
 # The entrypoint as the sbatch script runs it in bare mode (LOWMEM_REPO/docker/entrypoint.sh), on every node:
-# records its environment, exits FAKE_CODE.
+# records its environment, exits FAKE_CODE; with FAKE_RUN=1 it runs until SIGTERM, then "saves" and exits 0.
 FAKE_ENTRYPOINT = """\
 #!/bin/sh
 env >"$FAKE_SLURM_LOG/entrypoint-$SLURM_NODEID.env"
+if [ "${FAKE_RUN:-}" = 1 ]; then
+    trap 'exit 0' TERM
+    : >"$FAKE_SLURM_LOG/ready-$SLURM_NODEID"
+    while :; do sleep 0.1; done
+fi
 exit "${FAKE_CODE:-0}"
 """
 JOB_ID = "77"
@@ -111,20 +116,30 @@ JOB_ID = "77"
 
 @pytest.fixture
 def slurm_job(tmp_path):
-    """docker/slurm.sbatch, run to its end with stand-ins for srun, scontrol and the entrypoint (2 nodes);
-    returns run(**env) -> (exit code, stderr), and the stand-ins' log folder."""
+    """docker/slurm.sbatch, run to its end with stand-ins for srun, scancel, scontrol and the entrypoint (2 nodes);
+    returns run(time_limit=False, **env) -> (exit code, stderr), and the stand-ins' log folder. With time_limit,
+    the script gets its --signal=B:TERM once every node runs."""
     bin_dir, log, repo = tmp_path / "bin", tmp_path / "slurm", tmp_path / "repo"
     log.mkdir()
-    install(bin_dir, sys.executable, srun=FAKE_SRUN, scontrol=FAKE_SCONTROL)
+    install(bin_dir, sys.executable, srun=FAKE_SRUN, scancel=FAKE_SCANCEL, scontrol=FAKE_SCONTROL)
     install(repo / "docker", sys.executable, **{"entrypoint.sh": FAKE_ENTRYPOINT})
     env = {key: value for key, value in os.environ.items() if not key.startswith(("SLURM_", "LOWMEM_", "FAKE_"))}
     env.update(PATH=f"{bin_dir}:/usr/bin:/bin", FAKE_SLURM_LOG=str(log), OUTPUT_DIR=str(tmp_path / "run"),
                LOWMEM_REPO=str(repo), SLURM_JOB_ID=JOB_ID, SLURM_NNODES="2", SLURM_NTASKS_PER_NODE="1")
 
-    def run(**extra: str) -> tuple[int, str]:
-        result = subprocess.run(["bash", str(SBATCH)], env=dict(env, **extra), capture_output=True, text=True,
-                                timeout=60, cwd=tmp_path)
-        return result.returncode, result.stderr
+    def run(time_limit: bool = False, **extra: str) -> tuple[int, str]:
+        for ready in log.glob("ready-*"):
+            ready.unlink()
+        job = subprocess.Popen(["bash", str(SBATCH)], env=dict(env, FAKE_RUN="1" if time_limit else "", **extra),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+        if time_limit:
+            deadline = time.monotonic() + 30
+            while not ((log / "ready-0").exists() and (log / "ready-1").exists()):
+                assert job.poll() is None and time.monotonic() < deadline, job.communicate()
+                time.sleep(0.05)
+            job.send_signal(signal.SIGTERM)
+        _, stderr = job.communicate(timeout=60)
+        return job.returncode, stderr
 
     return run, log
 
@@ -144,3 +159,51 @@ def test_sbatch_gives_the_launcher_the_time_slurm_leaves(slurm_job):
         str(signal_time + 60)
     run(LOWMEM_STOP_GRACE="600")
     assert entrypoint_env(log, 0)["LOWMEM_STOP_GRACE"] == "600"  # the user's own stands
+
+
+def requeues(log: Path) -> int:
+    path = log / "scontrol.args"
+    return path.read_text().split().count("requeue") if path.exists() else 0
+
+
+@pytest.mark.parametrize("code", [5, 6])
+def test_sbatch_requeues_a_lost_peer_and_an_oom_up_to_the_limit(slurm_job, code):
+    run, log = slurm_job
+    for restarts in range(3):  # this job's restarts 0, 1, 2: below LOWMEM_MAX_RESTARTS' default 3
+        exit_code, stderr = run(FAKE_CODE=str(code), SLURM_RESTART_COUNT=str(restarts))
+        assert exit_code == code, stderr
+        assert requeues(log) == restarts + 1, stderr
+    exit_code, stderr = run(FAKE_CODE=str(code), SLURM_RESTART_COUNT="3")
+    assert exit_code == code and requeues(log) == 3
+    assert f"exit {code} (" in stderr and "after 3 restarts (LOWMEM_MAX_RESTARTS=3): not requeued" in stderr
+    run(FAKE_CODE=str(code), SLURM_RESTART_COUNT="3", LOWMEM_MAX_RESTARTS="4")
+    assert requeues(log) == 4
+
+
+@pytest.mark.parametrize("code", [1, 2, 3, 4, 137])
+def test_sbatch_never_requeues_what_would_end_the_same_way(slurm_job, code):
+    run, log = slurm_job
+    exit_code, stderr = run(FAKE_CODE=str(code))
+    assert exit_code == code, stderr
+    assert requeues(log) == 0, stderr
+
+
+def test_sbatch_time_limit_requeues_leave_the_failure_restarts_alone(slurm_job, tmp_path):
+    run, log = slurm_job
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / ".slurm_time_limit_requeues").write_text("76\n76\n")  # another job's: not this one's
+    for restarts in range(2):  # two time limits, each stopped, saved and requeued
+        exit_code, stderr = run(time_limit=True, SLURM_RESTART_COUNT=str(restarts))
+        assert exit_code == 0 and requeues(log) == restarts + 1, stderr
+    # restart 2 came from time limits only: a lost peer still has its one restart, and then none
+    exit_code, stderr = run(FAKE_CODE="5", SLURM_RESTART_COUNT="2", LOWMEM_MAX_RESTARTS="1")
+    assert exit_code == 5 and requeues(log) == 3, stderr
+    exit_code, stderr = run(FAKE_CODE="5", SLURM_RESTART_COUNT="3", LOWMEM_MAX_RESTARTS="1")
+    assert exit_code == 5 and requeues(log) == 3, stderr
+
+
+def test_sbatch_refuses_a_restart_limit_that_is_not_a_number(slurm_job):
+    run, log = slurm_job
+    exit_code, stderr = run(LOWMEM_MAX_RESTARTS="three")
+    assert exit_code == 2
+    assert stderr.strip() == "slurm.sbatch: LOWMEM_MAX_RESTARTS must be a whole number, got 'three'"
