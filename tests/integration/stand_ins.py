@@ -17,18 +17,26 @@ ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
 SBATCH = ROOT / "docker" / "slurm.sbatch"
 
 # The trainer: records its argv and environment, exits FAKE_EXIT_RANK_<RANK> (default 0); with FAKE_RUN=1 it
-# runs until SIGTERM or SIGINT, then "saves" and exits 0 (what the real trainer does on every rank).
+# runs until SIGTERM or SIGINT, then "saves" and exits 0 (what the real trainer does on every rank). Ending with 0
+# under LOWMEM_EXIT_CODES=kubeflow, the one mode that reads it, it tells the entrypoint "finished" or, after a
+# signal, "stopped" through the real trainer's own function (a Python start the other tests need not wait for).
 FAKE_TRAINER = """\
 #!/bin/sh
 rank=${RANK:-none}
 printf '%s\\n' "$*" >"$FAKE_LOG/trainer-$rank.args"
 env >"$FAKE_LOG/trainer-$rank.env"
+outcome() {
+    [ "${LOWMEM_EXIT_CODES:-}" = kubeflow ] || return 0
+    "$PYTHON" -c 'import sys; from lowmem_train.commands.train import tell_entrypoint; tell_entrypoint(sys.argv[1])' "$1"
+}
 if [ "${FAKE_RUN:-}" = 1 ]; then
-    trap 'echo saved >"$FAKE_LOG/trainer-$rank.stopped"; exit 0' TERM INT
+    trap 'echo saved >"$FAKE_LOG/trainer-$rank.stopped"; outcome stopped; exit 0' TERM INT
     : >"$FAKE_LOG/trainer-$rank.ready"
     while :; do sleep 0.1; done
 fi
-eval "exit \\${FAKE_EXIT_RANK_$rank:-0}"
+eval "code=\\${FAKE_EXIT_RANK_$rank:-0}"
+[ "$code" != 0 ] || outcome finished
+exit "$code"
 """
 
 # The launcher: records its argv; like torchrun, starts each worker in a session of its own with RANK set, exits

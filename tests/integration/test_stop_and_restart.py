@@ -22,7 +22,7 @@ import pytest
 
 from tests.helpers import TINY_MODEL, task_options
 from tests.integration.stand_ins import (ENTRYPOINT, FAKE_SCANCEL, FAKE_SCONTROL, FAKE_SRUN, SBATCH, entrypoint, free_port,
-                                         install, launched)
+                                         install, launched, running_entrypoint)
 
 SLOW_SAVE = 40  # seconds: longer than torchrun's default 30 s window, as short as that allows
 
@@ -207,3 +207,67 @@ def test_sbatch_refuses_a_restart_limit_that_is_not_a_number(slurm_job):
     exit_code, stderr = run(LOWMEM_MAX_RESTARTS="three")
     assert exit_code == 2
     assert stderr.strip() == "slurm.sbatch: LOWMEM_MAX_RESTARTS must be a whole number, got 'three'"
+
+
+# ---- LOWMEM_EXIT_CODES=kubeflow: what a PyTorchJob's restartPolicy ExitCode should restart lands in 128-255 ----
+
+@pytest.mark.parametrize("processes", [1, 2])
+@pytest.mark.parametrize("code, expected", [
+    ("0", 0),                                 # finished: the pod succeeds
+    ("5", 138), ("6", 138),                   # lost a peer, out of memory with the step lost: restart
+    ("1", 1), ("2", 2), ("3", 3), ("4", 4),   # crash, user error, out of memory, out of disk: fail the job
+    ("137", 137),                             # killed: retried by the operator already
+])
+def test_kubeflow_exit_codes_move_restartable_failures_into_128_to_255(stand_ins, processes, code, expected):
+    env, log = stand_ins
+    result = entrypoint(env, "train", NUM_PROCESSES=str(processes), LOWMEM_EXIT_CODES="kubeflow",
+                        **{"FAKE_EXIT_RANK_none" if processes == 1 else "FAKE_EXIT_RANK_1": code})
+    assert result.returncode == expected, result.stderr
+    assert (launched(log) is None) == (processes == 1)  # one process: no launcher, still mapped
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_kubeflow_exit_codes_make_a_stop_143_so_the_pod_is_restarted_not_succeeded(stand_ins, processes):
+    env, log = stand_ins
+    proc = running_entrypoint(env, log, processes, LOWMEM_EXIT_CODES="kubeflow")
+    try:
+        proc.send_signal(signal.SIGTERM)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, stderr
+    assert "exit 143 for 0 (LOWMEM_EXIT_CODES=kubeflow: restart it)" in stderr
+    assert "SIGTERM forwarded to the training processes" in stderr
+
+
+def test_entrypoint_refuses_an_unknown_exit_code_mapping(stand_ins):
+    env, log = stand_ins
+    result = entrypoint(env, "train", NUM_PROCESSES="2", LOWMEM_EXIT_CODES="k8s")
+    assert result.returncode == 2
+    assert result.stderr.strip() == "entrypoint: LOWMEM_EXIT_CODES must be plain or kubeflow, got 'k8s'"
+
+
+@pytest.mark.parametrize("outcome", ["finished", "stopped"])
+def test_the_trainer_tells_the_entrypoint_a_stop_from_a_finish(tmp_path, monkeypatch, outcome):
+    """The real `train` command's end, with a stand-in Trainer: what the entrypoint reads back above."""
+    from types import ModuleType, SimpleNamespace
+
+    from lowmem_train.commands import train
+
+    class FakeTrainer:
+        peers = None
+
+        def __init__(self, cfg, on_peer_lost):
+            pass
+
+        def fit(self):
+            return SimpleNamespace(outcome=outcome)
+
+    fake = ModuleType("lowmem_train.trainer.trainer")
+    fake.Trainer = FakeTrainer
+    monkeypatch.setitem(sys.modules, "lowmem_train.trainer.trainer", fake)
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")  # run() sets it on a machine without a GPU
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOWMEM_STATUS_DIR", str(tmp_path))
+    assert train.run(None, SimpleNamespace(output_dir=str(tmp_path / "run"))) == 0
+    assert (tmp_path / "outcome-rank-1").read_text() == f"{outcome}\n"
