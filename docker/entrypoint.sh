@@ -22,6 +22,8 @@
 #                                                                           only 130, 137, 138 and 143)
 #                   A finished run stays 0 and 1-4 stay permanent.
 #   PYTHON          the interpreter that counts GPUs (default: python3, the one that has torch)
+#   HOME, XDG_CACHE_HOME, HF_HOME, TORCH_EXTENSIONS_DIR, TRITON_CACHE_DIR, MPLCONFIGDIR: still at the image's
+#                   shared /tmp defaults, they move under ${TMPDIR:-/tmp}/lowmem-<uid> (per_user_caches below)
 #   MASTER_PORT     the main process's port (default: 29500 across nodes, a free port on one machine)
 #   Slurm, one task per node: SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST (first host = main process; via
 #                   `scontrol show hostnames` when available, else MASTER_ADDR, else parsed)
@@ -119,6 +121,33 @@ background() {
         "$@" &
     fi
 }
+
+# The image points HOME and the caches at /tmp so that any uid can write them (docker run --user, Kubernetes'
+# runAsUser). That /tmp is the container's own under Docker and Kubernetes, but Apptainer binds the host's: there
+# every user of a node would share /tmp/.cache, the first one's folders unwritable to the next, their compiled
+# kernels loaded by the next. So a variable still holding the image's value (the list below, the Dockerfile's
+# ENV) moves under a folder of this uid's; values anyone else chose (bare metal, Apptainer's own HOME) stay.
+per_user_caches() {
+    root=${TMPDIR:-/tmp}/lowmem-$(id -u)
+    moved=""
+    for pair in HOME=/tmp XDG_CACHE_HOME=/tmp/.cache HF_HOME=/tmp/.cache/huggingface \
+        TORCH_EXTENSIONS_DIR=/tmp/.cache/torch_extensions TRITON_CACHE_DIR=/tmp/.cache/triton \
+        MPLCONFIGDIR=/tmp/.cache/matplotlib; do
+        name=${pair%%=*}
+        shared=${pair#*=}
+        value=""
+        eval "value=\${$name:-}"
+        [ "$value" = "$shared" ] || continue
+        eval "$name=\$root\${shared#/tmp}"
+        export "${name?}"
+        moved=1
+    done
+    [ -n "$moved" ] || return 0
+    # chmod fails unless the folder is ours: one another user made first is never used
+    { mkdir -p "$root" && chmod 700 "$root"; } 2>/dev/null ||
+        die "cannot make $root, this user's cache folder (another user's?); set TMPDIR to a folder of yours"
+}
+per_user_caches
 
 # ---- worker mode: one training process under the launcher; records its exit code for the launcher mode.
 if [ "${1:-}" = --lowmem-worker ]; then
