@@ -128,7 +128,9 @@ background() {
 # kernels loaded by the next. So a variable still holding the image's value (the list below, the Dockerfile's
 # ENV) moves under a folder of this uid's; values anyone else chose (bare metal, Apptainer's own HOME) stay.
 per_user_caches() {
-    root=${TMPDIR:-/tmp}/lowmem-$(id -u)
+    base=${TMPDIR:-/tmp}
+    [ -d "$base" ] || base=/tmp  # a host's TMPDIR that the container does not have
+    root=$base/lowmem-$(id -u)
     moved=""
     for pair in HOME=/tmp XDG_CACHE_HOME=/tmp/.cache HF_HOME=/tmp/.cache/huggingface \
         TORCH_EXTENSIONS_DIR=/tmp/.cache/torch_extensions TRITON_CACHE_DIR=/tmp/.cache/triton \

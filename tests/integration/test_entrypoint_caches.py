@@ -53,7 +53,8 @@ def test_a_cache_elsewhere_is_left_alone(stand_ins):
 @pytest.mark.skipif(os.geteuid() != 0, reason="running the entrypoint as other uids needs root")
 def test_users_sharing_one_tmp_get_folders_of_their_own(tmp_path):
     """Two uids that have no account in the image (docker run --user, runAsUser) under one shared, sticky /tmp,
-    as Apptainer gives them; a third whose folder another user made first is refused in one line."""
+    as Apptainer gives them; a third whose folder another user made first is refused in one line; a fourth whose
+    TMPDIR the container does not have falls back to /tmp."""
     shared = Path(tempfile.mkdtemp(prefix="lowmem-shared-tmp-", dir="/tmp"))  # pytest's tmp_path is root's alone
     try:
         shared.chmod(0o1777)
@@ -79,5 +80,17 @@ def test_users_sharing_one_tmp_get_folders_of_their_own(tmp_path):
         assert results[12347].stderr.strip() == (f"entrypoint: cannot make {squatted}, this user's cache folder "
                                                  "(another user's?); set TMPDIR to a folder of yours")
         assert not (shared / "log-12347" / "trainer-none.env").exists()
+
+        # a TMPDIR the container does not have (the host's, passed through): /tmp instead
+        log = shared / "log-12348"
+        log.mkdir()
+        log.chmod(0o777)
+        env = {"PATH": f"{shared / 'bin'}:/usr/bin:/bin", "FAKE_LOG": str(log), "TMPDIR": "/nonexistent/job-tmp",
+               **image_defaults()}
+        result = subprocess.run(["sh", str(ENTRYPOINT), "estimate"], env=env, capture_output=True, text=True,
+                                timeout=60, user=12348, group=12348, extra_groups=[])
+        assert result.returncode == 0, result.stderr
+        assert trainer_env(log)["HOME"] == "/tmp/lowmem-12348"
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+        shutil.rmtree("/tmp/lowmem-12348", ignore_errors=True)
