@@ -299,7 +299,7 @@ mode=launcher
 trap 'forward TERM' TERM
 trap 'forward INT' INT
 # In a session of its own when setsid is there: a terminal's Ctrl-C then reaches this script only (which
-# forwards it), not the launcher, which would turn it into the 30-second kill described at the top.
+# forwards it), not the launcher, which would start the kill described at the top.
 if command -v setsid >/dev/null 2>&1; then
     background setsid "$@"
 else
