@@ -44,6 +44,19 @@ def write_status(out: Path, outcome: str, message: str = "") -> int:
     return code
 
 
+def tell_entrypoint(outcome: str) -> None:
+    """Tell the container's entrypoint (docker/entrypoint.sh, which sets LOWMEM_STATUS_DIR, a folder of its own on
+    this node) how this rank ended: exit code 0 is a finished run and a stopped one alike, and a scheduler must
+    restart only the second (LOWMEM_EXIT_CODES=kubeflow)."""
+    folder = os.environ.get("LOWMEM_STATUS_DIR")
+    if not folder:
+        return
+    try:
+        Path(folder, f"outcome-rank-{os.environ.get('RANK', '0')}").write_text(outcome + "\n")
+    except OSError:  # a courtesy, as the status file is
+        pass
+
+
 def run(args, cfg) -> int:
     import logging
 
@@ -106,4 +119,5 @@ def run(args, cfg) -> int:
         os._exit(code)  # leave now: an orderly shutdown would wait for those collectives
     if result.outcome in ("finished", "stopped"):  # every rank is here, after the same step
         leave_process_group()
+        tell_entrypoint(result.outcome)
     return write_status(out, result.outcome) if is_main_process() else EXIT_CODES[result.outcome]

@@ -12,7 +12,18 @@
 #   NUM_PROCESSES   training processes on this node (default: torch.cuda.device_count(), which respects MIG and
 #                   CUDA_VISIBLE_DEVICES; at least 1)
 #   LOWMEM_TRAIN    the program (default: lowmem-train, the console command that `pip install .` provides)
+#   LOWMEM_STOP_GRACE  seconds a stop signal leaves before the kill that follows it (default 120: `docker stop
+#                   -t 120`, the recipes' Slurm --signal=B:TERM@120 and terminationGracePeriodSeconds); the
+#                   launcher waits that long for stopping workers (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, unless set)
+#   LOWMEM_EXIT_CODES  plain (default): the codes below; kubeflow: the same, except what a scheduler should
+#                   restart, moved into 128-255, the range Kubeflow's restartPolicy ExitCode retries:
+#                     0 after a stop signal, the run not finished  -> 143  (as if SIGTERM had ended it)
+#                     5 lost a peer, 6 out of memory, step lost    -> 138  (128 + SIGUSR1: older operators retry
+#                                                                           only 130, 137, 138 and 143)
+#                   A finished run stays 0 and 1-4 stay permanent.
 #   PYTHON          the interpreter that counts GPUs (default: python3, the one that has torch)
+#   HOME, XDG_CACHE_HOME, HF_HOME, TORCH_EXTENSIONS_DIR, TRITON_CACHE_DIR, MPLCONFIGDIR: still at the image's
+#                   shared /tmp defaults, they move under ${TMPDIR:-/tmp}/lowmem-<uid> (per_user_caches below)
 #   MASTER_PORT     the main process's port (default: 29500 across nodes, a free port on one machine)
 #   Slurm, one task per node: SLURM_NNODES, SLURM_NODEID, SLURM_JOB_NODELIST (first host = main process; via
 #                   `scontrol show hostnames` when available, else MASTER_ADDR, else parsed)
@@ -28,9 +39,10 @@
 #
 # Stopping (docker stop, Kubernetes, Slurm's --signal): SIGTERM or SIGINT to this script is forwarded to the
 # training processes themselves, never to the launcher. Every rank finishes its step, saves a checkpoint and
-# exits 0, and the launcher, seeing its workers succeed, exits 0 too. (Signalled itself, torchrun, which
-# `accelerate launch` runs, gives its workers 30 s before SIGKILL and then exits 1 whatever they did.) Each
-# worker runs under this same script in "worker mode", which records its exit code, so the codes above survive
+# exits 0, and the launcher, seeing its workers succeed, exits 0 too. (Signalled itself, as by Slurm's scancel,
+# torchrun, which `accelerate launch` runs, gives its workers LOWMEM_STOP_GRACE before SIGKILL, 30 s without
+# this script, and then exits non-zero whatever they did.) Each worker runs under this same script in "worker
+# mode", which records its exit code (and the trainer whether it finished or stopped), so the codes above survive
 # the launcher, which reports any failure as 1.
 set -eu
 
@@ -110,6 +122,35 @@ background() {
     fi
 }
 
+# The image points HOME and the caches at /tmp so that any uid can write them (docker run --user, Kubernetes'
+# runAsUser). That /tmp is the container's own under Docker and Kubernetes, but Apptainer binds the host's: there
+# every user of a node would share /tmp/.cache, the first one's folders unwritable to the next, their compiled
+# kernels loaded by the next. So a variable still holding the image's value (the list below, the Dockerfile's
+# ENV) moves under a folder of this uid's; values anyone else chose (bare metal, Apptainer's own HOME) stay.
+per_user_caches() {
+    base=${TMPDIR:-/tmp}
+    [ -d "$base" ] || base=/tmp  # a host's TMPDIR that the container does not have
+    root=$base/lowmem-$(id -u)
+    moved=""
+    for pair in HOME=/tmp XDG_CACHE_HOME=/tmp/.cache HF_HOME=/tmp/.cache/huggingface \
+        TORCH_EXTENSIONS_DIR=/tmp/.cache/torch_extensions TRITON_CACHE_DIR=/tmp/.cache/triton \
+        MPLCONFIGDIR=/tmp/.cache/matplotlib; do
+        name=${pair%%=*}
+        shared=${pair#*=}
+        value=""
+        eval "value=\${$name:-}"
+        [ "$value" = "$shared" ] || continue
+        eval "$name=\$root\${shared#/tmp}"
+        export "${name?}"
+        moved=1
+    done
+    [ -n "$moved" ] || return 0
+    # chmod fails unless the folder is ours: one another user made first is never used
+    { mkdir -p "$root" && chmod 700 "$root"; } 2>/dev/null ||
+        die "cannot make $root, this user's cache folder (another user's?); set TMPDIR to a folder of yours"
+}
+per_user_caches
+
 # ---- worker mode: one training process under the launcher; records its exit code for the launcher mode.
 if [ "${1:-}" = --lowmem-worker ]; then
     shift
@@ -140,6 +181,23 @@ for arg in "$@"; do
     esac
 done
 [ -z "$keep" ] || set -- "$@" --is_keep_training=auto
+
+# The launcher's stop window. torchrun's agent SIGKILLs its workers TORCH_ELASTIC_SHUTDOWN_TIMEOUT seconds (30 by
+# default) after a SIGTERM of its own (torch/distributed/launcher/api.py, LaunchConfig.shutdown_timeout), and
+# the agent gets one whenever every process of a job is signalled (Slurm's scancel, a terminal's Ctrl-C): a step
+# plus a checkpoint save longer than 30 s would die half-way, with no checkpoint and no requeue. It waits as long
+# as the scheduler does instead. (PET_SHUTDOWN_TIMEOUT, torchrun's own variable, wins over both.)
+grace=${LOWMEM_STOP_GRACE:-120}
+is_count "$grace" || die "LOWMEM_STOP_GRACE must be a positive number of seconds, got '$grace'"
+if [ -z "${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-}" ]; then
+    TORCH_ELASTIC_SHUTDOWN_TIMEOUT=$grace
+    export TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+fi
+exit_codes=${LOWMEM_EXIT_CODES:-plain}
+case $exit_codes in
+    plain | kubeflow) ;;
+    *) die "LOWMEM_EXIT_CODES must be plain or kubeflow, got '$exit_codes'" ;;
+esac
 
 # ---- how many processes, on how many nodes.
 if [ -n "${NUM_PROCESSES:-}" ]; then
@@ -207,33 +265,41 @@ case $node_rank in '' | *[!0-9]*) die "node rank must be an integer, got '$node_
 unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT PET_NNODES PET_NODE_RANK
 
 total=$((per_node * nodes))
-if [ "$total" = 1 ]; then
+if [ "$total" = 1 ] && [ "$exit_codes" = plain ]; then
     say "1 process on $where: $prog $*"
     exec "$prog" "$@"
 fi
-if [ -z "$main_port" ] && [ "$nodes" = 1 ]; then  # one machine: any free port (a shared node may run others)
-    main_port=$("${PYTHON:-python3}" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])') ||
-        main_port=""
-fi
-main_port=${main_port:-29500}
-is_count "$main_port" || die "main process port must be a positive integer, got '$main_port'"
 
-# ---- several processes: accelerate launch (torchrun) in the background, signals forwarded to its workers.
+# ---- several processes: accelerate launch (torchrun) in the background, signals forwarded to its workers. (One
+# process whose exit code is to be mapped runs the same way, without the launcher: its worker mode records how it
+# ended.)
 self=$0
 case $self in /*) ;; *) self=$(cd "$(dirname "$self")" && pwd)/$(basename "$self") ;; esac
 LOWMEM_STATUS_DIR=$(mktemp -d "${TMPDIR:-/tmp}/lowmem-launch.XXXXXX")
 export LOWMEM_STATUS_DIR
-say "$total processes ($per_node per node x $nodes nodes, this is node $node_rank; main $main_addr:$main_port) on $where"
+if [ "$total" = 1 ]; then
+    say "1 process on $where: $prog $*"
+    set -- "$self" --lowmem-worker "$@"
+else
+    if [ -z "$main_port" ] && [ "$nodes" = 1 ]; then  # one machine: any free port (a shared node may run others)
+        free_port='import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+        main_port=$("${PYTHON:-python3}" -c "$free_port") || main_port=""
+    fi
+    main_port=${main_port:-29500}
+    is_count "$main_port" || die "main process port must be a positive integer, got '$main_port'"
+    say "$total processes ($per_node per node x $nodes nodes, this is node $node_rank; main $main_addr:$main_port)" \
+        "on $where; stop window ${TORCH_ELASTIC_SHUTDOWN_TIMEOUT} s"
+    # --mixed_precision/--dynamo_backend only quiet the launcher's "defaults used" warning: the run config
+    # decides the precision and passes it to Accelerator itself.
+    set -- accelerate launch --multi_gpu --num_processes "$total" --num_machines "$nodes" \
+        --machine_rank "$node_rank" --main_process_ip "$main_addr" --main_process_port "$main_port" \
+        --mixed_precision no --dynamo_backend no --no_python "$self" --lowmem-worker "$@"
+fi
 mode=launcher
 trap 'forward TERM' TERM
 trap 'forward INT' INT
-# --mixed_precision/--dynamo_backend only quiet the launcher's "defaults used" warning: the run config decides
-# the precision and passes it to Accelerator itself.
-set -- accelerate launch --multi_gpu --num_processes "$total" --num_machines "$nodes" \
-    --machine_rank "$node_rank" --main_process_ip "$main_addr" --main_process_port "$main_port" \
-    --mixed_precision no --dynamo_backend no --no_python "$self" --lowmem-worker "$@"
 # In a session of its own when setsid is there: a terminal's Ctrl-C then reaches this script only (which
-# forwards it), not the launcher, which would turn it into the 30-second kill described at the top.
+# forwards it), not the launcher, which would start the kill described at the top.
 if command -v setsid >/dev/null 2>&1; then
     background setsid "$@"
 else
@@ -269,6 +335,12 @@ for file in "$LOWMEM_STATUS_DIR"/rank-*; do
         worst=$rank_code
     fi
 done
+stopped=""  # exit 0 is a finished run and a stopped one alike: the trainer says which (commands/train.py)
+for file in "$LOWMEM_STATUS_DIR"/outcome-rank-*; do
+    [ -f "$file" ] || continue
+    read -r outcome <"$file" || outcome=""
+    [ "$outcome" != stopped ] || stopped=1
+done
 rm -rf "$LOWMEM_STATUS_DIR"
 if [ -n "$worst" ]; then
     [ "$worst" = "$code" ] || say "exit $worst, the training processes' own code (the launcher said $code)"
@@ -276,5 +348,15 @@ if [ -n "$worst" ]; then
 elif [ "$reported" = "$per_node" ] && [ "$code" != 0 ]; then
     say "every worker on this node exited 0 (the launcher said $code): exit 0"
     code=0
+fi
+if [ "$exit_codes" = kubeflow ]; then  # the table at the top of this file
+    mapped=$code
+    if [ "$code" = 0 ] && [ -n "$stopped" ]; then
+        mapped=143
+    elif [ "$code" = 5 ] || [ "$code" = 6 ]; then
+        mapped=138
+    fi
+    [ "$mapped" = "$code" ] || say "exit $mapped for $code (LOWMEM_EXIT_CODES=kubeflow: restart it)"
+    code=$mapped
 fi
 exit "$code"

@@ -23,12 +23,13 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
 
 import pytest
+
+from tests.integration.stand_ins import ENTRYPOINT, entrypoint, launched, running_entrypoint, trainer_args
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "lowmem-train:cpu"
@@ -164,84 +165,6 @@ def test_stop_saves_exit_0_and_a_restart_resumes_by_itself(image, tmp_path):
 
 # ---- the entrypoint alone, with stand-ins -------------------------------------------------------------------
 
-ENTRYPOINT = ROOT / "docker" / "entrypoint.sh"
-
-# The trainer: records its argv and environment, exits FAKE_EXIT_RANK_<RANK> (default 0); with FAKE_RUN=1 it
-# runs until SIGTERM or SIGINT, then "saves" and exits 0 (what the real trainer does on every rank).
-FAKE_TRAINER = """\
-#!/bin/sh
-rank=${RANK:-none}
-printf '%s\\n' "$*" >"$FAKE_LOG/trainer-$rank.args"
-env >"$FAKE_LOG/trainer-$rank.env"
-if [ "${FAKE_RUN:-}" = 1 ]; then
-    trap 'echo saved >"$FAKE_LOG/trainer-$rank.stopped"; exit 0' TERM INT
-    : >"$FAKE_LOG/trainer-$rank.ready"
-    while :; do sleep 0.1; done
-fi
-eval "exit \\${FAKE_EXIT_RANK_$rank:-0}"
-"""
-
-# The launcher: records its argv; like torchrun, starts each worker in a session of its own with RANK set, exits
-# 0 when all succeed and 1 otherwise, and, signalled itself, stops its workers (SIGTERM), waits, and exits 1.
-FAKE_ACCELERATE = """\
-#!PYTHON
-import os, signal, subprocess, sys
-argv = sys.argv[1:]
-log = os.environ["FAKE_LOG"]
-with open(os.path.join(log, "accelerate.args"), "w") as f:
-    f.write(" ".join(argv) + "\\n")
-with open(os.path.join(log, "accelerate.env"), "w") as f:
-    f.write("\\n".join(f"{k}={v}" for k, v in os.environ.items()) + "\\n")
-value = lambda flag: argv[argv.index(flag) + 1]
-total, machines, rank = int(value("--num_processes")), int(value("--num_machines")), int(value("--machine_rank"))
-per_node = total // machines
-command = argv[argv.index("--no_python") + 1:]
-workers, stopped = [], []
-def signalled(signum, frame):
-    stopped.append(signum)
-    with open(os.path.join(log, "accelerate.signalled"), "w") as f:
-        f.write(signal.Signals(signum).name)
-    for w in workers:
-        w.terminate()
-signal.signal(signal.SIGTERM, signalled)  # before any worker exists, as torchrun does
-signal.signal(signal.SIGINT, signalled)
-for i in range(per_node):
-    workers.append(subprocess.Popen(command, env=dict(os.environ, RANK=str(rank * per_node + i), LOCAL_RANK=str(i)),
-                                    start_new_session=True))
-codes = [w.wait() for w in workers]
-sys.exit(1 if stopped or any(codes) else 0)
-"""
-
-
-@pytest.fixture
-def stand_ins(tmp_path):
-    bin_dir, log = tmp_path / "bin", tmp_path / "log"
-    bin_dir.mkdir()
-    log.mkdir()
-    for name, text in (("lowmem-train", FAKE_TRAINER), ("accelerate", FAKE_ACCELERATE.replace("PYTHON", sys.executable))):
-        (bin_dir / name).write_text(text)
-        (bin_dir / name).chmod(0o755)
-    env = {key: value for key, value in os.environ.items()
-           if not key.startswith(("SLURM_", "PET_", "FAKE_")) and key not in
-           ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "NUM_PROCESSES", "LOWMEM_TRAIN")}
-    env.update(PATH=f"{bin_dir}:/usr/bin:/bin", FAKE_LOG=str(log), PYTHON=sys.executable, TMPDIR=str(tmp_path))
-    return env, log
-
-
-def entrypoint(env, *args, **extra_env):
-    return subprocess.run(["sh", str(ENTRYPOINT), *args], env=dict(env, **extra_env), capture_output=True,
-                          text=True, timeout=60)
-
-
-def launched(log: Path) -> str | None:
-    path = log / "accelerate.args"
-    return path.read_text().strip() if path.exists() else None
-
-
-def trainer_args(log: Path, rank: str = "none") -> str:
-    return (log / f"trainer-{rank}.args").read_text().strip()
-
-
 @pytest.mark.parametrize("args", [["--help"], ["estimate", "--config", "t5_base"], ["train", "--help"],
                                   ["export", "--checkpoint", "c", "--output", "o"]])
 def test_entrypoint_runs_everything_but_train_once_and_directly(stand_ins, args):
@@ -311,21 +234,6 @@ def test_entrypoint_exits_with_the_workers_code_not_the_launchers_1(stand_ins, c
     extra = {f"FAKE_EXIT_RANK_{rank}": code for rank, code in codes.items()}
     result = entrypoint(env, "train", NUM_PROCESSES=str(len(codes)), **extra)
     assert result.returncode == expected, result.stderr
-
-
-def running_entrypoint(env, log):
-    # SIGINT at its default, as a container runtime or a terminal starts the entrypoint: a test session started as
-    # a background job inherits SIGINT ignored, and a shell cannot trap a signal ignored on entry.
-    proc = subprocess.Popen(["sh", str(ENTRYPOINT), "train"], env=dict(env, NUM_PROCESSES="2", FAKE_RUN="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + 30
-    while not ((log / "trainer-0.ready").exists() and (log / "trainer-1.ready").exists()):
-        if time.monotonic() > deadline or proc.poll() is not None:
-            proc.kill()
-            raise AssertionError(f"the stand-in trainers did not start: {proc.communicate()}")
-        time.sleep(0.05)
-    return proc
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=lambda sig: sig.name)

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,87 +24,19 @@ import psutil
 import pytest
 
 from tests.helpers import REPO, TINY_MODEL
+from tests.integration.stand_ins import FAKE_SCANCEL, FAKE_SCONTROL, FAKE_SRUN, SBATCH, free_port, install
 
 pytestmark = pytest.mark.slow
-SBATCH = REPO / "docker" / "slurm.sbatch"
 JOB_ID = "4242"
 MAX_STEPS = 20
-
-# srun inside an allocation: the command once per task (nodes x --ntasks-per-node), each in a session of its own
-# with its task's variables; exits with the highest of the tasks' codes.
-FAKE_SRUN = """\
-#!PYTHON
-import os, subprocess, sys
-args, opts = sys.argv[1:], {}
-while args and args[0].startswith("-"):
-    key, eq, value = args.pop(0).partition("=")
-    if not eq:
-        sys.exit(f"stand-in srun: give options as --name=value, got {key}")
-    opts[key] = value
-log = os.environ["FAKE_SLURM_LOG"]
-with open(os.path.join(log, "srun.args"), "a") as f:
-    f.write(" ".join(sys.argv[1:]) + "\\n")
-nodes = int(opts.get("--nodes", os.environ["SLURM_NNODES"]))
-per_node = int(opts.get("--ntasks-per-node", os.environ.get("SLURM_NTASKS_PER_NODE", "1")))
-tasks = [subprocess.Popen(args, start_new_session=True, env=dict(
-    os.environ, SLURM_STEP_ID="0", SLURM_NODEID=str(i // per_node), SLURM_PROCID=str(i),
-    SLURM_LOCALID=str(i % per_node), SLURM_NTASKS=str(nodes * per_node))) for i in range(nodes * per_node)]
-with open(os.path.join(log, "srun.pids"), "w") as f:
-    f.write(" ".join(str(t.pid) for t in tasks))
-codes = [t.wait() for t in tasks]
-sys.exit(max(c if c >= 0 else 128 - c for c in codes))
-"""
-
-# scancel --signal=SIG JOB: the signal to every process of the job's steps, never to the batch script.
-FAKE_SCANCEL = """\
-#!PYTHON
-import os, signal, sys
-import psutil
-log = os.environ["FAKE_SLURM_LOG"]
-with open(os.path.join(log, "scancel.args"), "a") as f:
-    f.write(" ".join(sys.argv[1:]) + "\\n")
-sig = getattr(signal, "SIG" + next(a for a in sys.argv[1:] if a.startswith("--signal=")).split("=", 1)[1])
-with open(os.path.join(log, "srun.pids")) as f:
-    pids = [int(pid) for pid in f.read().split()]
-for pid in pids:
-    try:
-        task = psutil.Process(pid)
-        members = [task, *task.children(recursive=True)]
-    except psutil.Error:
-        continue
-    for member in members:
-        try:
-            member.send_signal(sig)
-        except psutil.Error:
-            pass
-"""
-
-# scontrol: `show hostnames` of a plain comma list; `requeue JOB` recorded.
-FAKE_SCONTROL = """\
-#!/bin/sh
-case "$1 $2" in
-    "show hostnames") printf '%s\\n' "$3" | tr ',' '\\n' ;;
-    "requeue "*) echo "$*" >>"$FAKE_SLURM_LOG/scontrol.args" ;;
-    *) exit 1 ;;
-esac
-"""
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def cluster(tmp_path):
     """The stand-in Slurm commands on PATH, and the environment a batch script of a 2-node job starts with."""
     bin_dir, log = tmp_path / "bin", tmp_path / "slurm"
-    bin_dir.mkdir()
     log.mkdir()
-    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
-        (bin_dir / name).write_text(text.replace("#!PYTHON", f"#!{sys.executable}"))
-        (bin_dir / name).chmod(0o755)
+    install(bin_dir, sys.executable, srun=FAKE_SRUN, scancel=FAKE_SCANCEL, scontrol=FAKE_SCONTROL)
     program = Path(sys.executable).parent / "lowmem-train"  # this checkout's program (installed editable)
     if not program.is_file():
         pytest.skip(f"no {program}: pip install -e . provides it")

