@@ -18,6 +18,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--tokenizer_dir", default="", metavar="DIR",
                         help="tokenizer folder (default: the tokenizer_dir saved in the checkpoint's config)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it holds an earlier export")
+    parser.add_argument("--adapter_only", action="store_true",
+                        help="a LoRA run: write its adapters alone (peft's folder: PeftModel.from_pretrained(base, DIR)) "
+                             "instead of merging them into the base model")
 
 
 def run(args, cfg) -> int:
@@ -26,7 +29,8 @@ def run(args, cfg) -> int:
 
     from lowmem_train.trainer.export import export_checkpoint
 
-    done = export_checkpoint(Path(args.checkpoint), Path(args.output), args.tokenizer_dir, args.overwrite)
+    done = export_checkpoint(Path(args.checkpoint), Path(args.output), args.tokenizer_dir, args.overwrite,
+                             args.adapter_only)
     logging.getLogger(__name__).info(
         "exported %s (%s, %.2f M parameters, step %d, %s) to %s; try: lowmem-train generate --model %s --prompt 12345",
         done.point.path, done.model_type, done.parameters / 1e6, done.point.state.step, done.weights, done.output,

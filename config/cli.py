@@ -21,6 +21,7 @@ SECTION_TITLES = {
     "model": "model options (--model.*)",
     "data": "data options (--data.*)",
     "eval": "evaluation options (--eval.*)",
+    "lora": "LoRA adapter options (--lora.*, through peft)",
     "memory": "memory guard options (--memory.*)",
 }
 

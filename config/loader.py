@@ -200,6 +200,10 @@ def build_config(preset: str | None = None, overrides: dict[str, Any] | None = N
     values.update({name: (text, f"--{name}") for name, text in (overrides or {}).items()})
     cfg = apply_values(RunConfig(), values)
     resolve_pretrained(cfg, values)
+    if cfg.optimizer == "adafactor" and "learn_rate" not in values:  # the default learn_rate is AdamW's
+        from lowmem_train.config.schema import ADAFACTOR_LEARN_RATE
+
+        cfg.learn_rate = ADAFACTOR_LEARN_RATE
     return cfg.validate()
 
 

@@ -64,6 +64,23 @@ class DataConfig:
     """Validation column naming each row's case: exact match is also reported per case (ignored when absent)."""
 
 
+# Learning rates that trained t5_tiny on the bundled task to the README's figures, by optimizer (the default
+# learn_rate is AdamW's; --optimizer adafactor without --learn_rate takes its own).
+ADAFACTOR_LEARN_RATE = 1e-2
+
+
+@dataclass
+class AdapterConfig:
+    r: int = 0
+    """LoRA rank (peft): 0 trains the model itself; 8 or 16 train low-rank adapters only, on a frozen base."""
+    alpha: float = 16.0
+    """LoRA alpha (peft's lora_alpha): the adapters' update is scaled by alpha / r."""
+    dropout: float = 0.0
+    """Dropout on the adapters' input."""
+    target_modules: list[str] = field(default_factory=list)
+    """Modules that get adapters (default: the attention's query and value projections: t5 q,v; gpt c_attn; llama q_proj,v_proj)."""
+
+
 @dataclass
 class EvalConfig:
     metrics: list[str] = field(default_factory=lambda: ["exact_match"])
@@ -95,8 +112,10 @@ class RunConfig:
     """Micro-batch per process at start (the memory guard may change it, keeping the global batch)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches per optimizer step at start; global batch = batch_size_per_gpu x this x processes."""
+    optimizer: Literal["adamw", "adafactor"] = "adamw"
+    """adamw (torch AdamW, fused) or adafactor (transformers' Adafactor as for T5: factored second moment, no first moment, fixed lr under the schedule; without DeepSpeed)."""
     learn_rate: float = 3e-3
-    """Peak learning rate, reached after warmup, then cosine decay."""
+    """Peak learning rate, reached after warmup, then cosine decay (default 3e-3 with adamw, 1e-2 with adafactor)."""
     div_factor: float = 25.0
     """Warmup starts at learn_rate / div_factor (the prior art's OneCycle div_factor)."""
     warmup_ratio: float = 0.05
@@ -104,7 +123,7 @@ class RunConfig:
     final_lr_ratio: float = 0.02
     """Cosine decay ends at learn_rate x this."""
     weight_decay: float = 0.01
-    """AdamW weight decay."""
+    """Weight decay (decoupled), on weights other than biases and norms."""
     max_grad_norm: float = 1.0
     """Gradient clipping by global norm (0 = off)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
@@ -140,6 +159,8 @@ class RunConfig:
     """Resume from output_dir's newest complete checkpoint: true, false (a fresh run), or auto (resume if there is one)."""
     overwrite_output_dir: bool = False
     """Start fresh although output_dir holds a run: that run is moved aside into output_dir/previous_runs/, not deleted."""
+    freeze: list[str] = field(default_factory=list)
+    """Parts not trained (no gradient, no optimizer state): module name globs or embeddings, encoder, decoder; e.g. embeddings,encoder (the prior art's fine-tuning)."""
     is_finetune: bool = False
     """Start from the model in finetune_from with a fresh optimizer and schedule (the prior art's name for --model.name_or_path)."""
     allow_batch_change: bool = False
@@ -156,6 +177,7 @@ class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: AdapterConfig = field(default_factory=AdapterConfig)
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def validate(self) -> "RunConfig":
@@ -183,6 +205,7 @@ class RunConfig:
             "patience": self.patience,
             "max_steps": self.max_steps,
             "cpu_threads": self.cpu_threads,
+            "lora.r": self.lora.r,
             "data.num_workers": self.data.num_workers,
             "data.eval_max_samples": self.data.eval_max_samples,
             "model.num_decoder_layers": self.model.num_decoder_layers,
@@ -229,6 +252,10 @@ class RunConfig:
         if self.is_keep_training is not False and self.overwrite_output_dir:
             raise ConfigError("--overwrite_output_dir starts a fresh run; it cannot be combined with "
                               f"--is_keep_training={self.is_keep_training}")
+        if self.lora.r and not self.lora.alpha > 0:
+            raise ConfigError(f"--lora.alpha must be positive (got {self.lora.alpha})")
+        if not 0 <= self.lora.dropout < 1:
+            raise ConfigError(f"--lora.dropout must be in [0, 1) (got {self.lora.dropout})")
         from lowmem_train.trainer.metrics import METRICS  # names only: the libraries load when a metric is used
 
         unknown = [m for m in self.eval.metrics if m not in METRICS]

@@ -156,6 +156,7 @@ def choose_ds_config_path(cfg: RunConfig, world_size: int) -> Path | None:
 def fill_ds_config(raw: dict, cfg: RunConfig, micro_batch: int, grad_accum: int, world_size: int, precision: str) -> dict:
     """Replace every "auto" that is ours to decide with the run config's value."""
     ds = json.loads(json.dumps(raw))  # deep copy
+    kind = str(ds.get("optimizer", {}).get("type", "")).lower()
     ours: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
         "gradient_accumulation_steps": grad_accum,
@@ -163,8 +164,8 @@ def fill_ds_config(raw: dict, cfg: RunConfig, micro_batch: int, grad_accum: int,
         "gradient_clipping": cfg.max_grad_norm,
         "optimizer.params.lr": cfg.learn_rate,
         "optimizer.params.weight_decay": cfg.weight_decay,
-        "optimizer.params.betas": [0.9, 0.999],
-        "optimizer.params.eps": 1e-8,
+        **({"optimizer.params.betas": [0.9, 0.999], "optimizer.params.eps": 1e-8}  # Adam's, for Adam only
+           if kind in ("adam", "adamw") else {}),
         "bf16.enabled": precision == "bf16",
         "fp16.enabled": precision == "fp16",
     }
@@ -232,16 +233,14 @@ def make_backend(cfg: RunConfig, micro_batch: int, grad_accum: int, load_univers
 
 
 def make_optimizer(backend: Backend, model: torch.nn.Module, cfg: RunConfig):
-    """AdamW with no decay on biases and norms. Under DeepSpeed the JSON's optimizer section builds it
-    (DeepSpeedCPUAdam when the optimizer is offloaded), so we hand accelerate a placeholder."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim < 2 or "norm" in name.lower() else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    """trainer/optim.py's optimizer over the trained parameters. Under DeepSpeed the JSON's optimizer section builds
+    it (DeepSpeedCPUAdam when the optimizer is offloaded), so accelerate gets a placeholder with the same groups."""
+    from lowmem_train.trainer import optim
+
+    optim.check_backend(cfg, backend.uses_deepspeed)
     if backend.uses_deepspeed and "optimizer" in backend.ds_config:
-        return DummyOptim(groups, lr=cfg.learn_rate, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8, fused=torch.cuda.is_available())
+        return DummyOptim(optim.param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, weight_decay=cfg.weight_decay)
+    return optim.build_optimizer(cfg, model, backend.accelerator.device.type)
 
 
 def accumulation_divisor(backend: Backend) -> int:

@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lowmem_train.config.errors import ConfigError
 from lowmem_train.config.loader import config_from_dict, config_to_dict, save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
+from lowmem_train.model.adapt import plain, trained_state, trains_everything
 from lowmem_train.model.pretrained import ARCHITECTURE, save_architecture
 from lowmem_train.trainer import distributed
 from lowmem_train.trainer.backend import Backend
@@ -29,7 +30,7 @@ from lowmem_train.trainer.compat import zero3_local_shard
 from lowmem_train.trainer.cpu_adam_resume import replay_bias_correction
 from lowmem_train.trainer.faults import KILL_IN_SAVE, SLOW_SAVE
 from lowmem_train.trainer.metrics import LOWER_IS_BETTER
-from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, DS_UNIVERSAL_TAG, STATE_FILE, ResumePoint,
+from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, DS_UNIVERSAL_TAG, STATE_FILE, TRAINED_FILE, ResumePoint,
                                         checkpoint_name, complete_checkpoints, dir_size, fsync_dir, fsync_tree,
                                         library_versions, read_checkpoint, write_model_folder)
 from lowmem_train.trainer.state import TrainState
@@ -81,6 +82,17 @@ def needs_universal(point: ResumePoint | None, world_size: int) -> bool:
             and point.state.world_size != world_size)
 
 
+def load_trained(net, file: Path) -> None:
+    """The trained parameters of a checkpoint into `net`, which must train exactly these."""
+    state = load_file(str(file))
+    expected = set(trained_state(net))
+    if set(state) != expected:
+        odd = sorted(set(state) ^ expected)
+        raise ConfigError(f"{file} holds other trained parameters than this run trains (e.g. {odd[0]!r}); resume with "
+                          f"the checkpoint's --freeze and --lora.* options")
+    net.load_state_dict(state, strict=False)
+
+
 class Checkpointer:
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -88,6 +100,7 @@ class Checkpointer:
         self.backend: Backend | None = None
         self.vocab: str | None = None  # fingerprint of the run's tokenizer, saved with every checkpoint
         self.saved: set[int] = set()  # steps this run saved (a second save at the same step is the same state)
+        self.trained_only = False  # the last save held the trained parameters only
 
     def attach(self, backend: Backend) -> None:
         self.backend = backend
@@ -113,11 +126,18 @@ class Checkpointer:
             shutil.rmtree(tmp, ignore_errors=True)
             (tmp / "rng").mkdir(parents=True)
         distributed.barrier(backend)
+        net = backend.accelerator.unwrap_model(model)
+        self.trained_only = not trains_everything(net)  # frozen parts / a LoRA base come from where they came from
         if backend.engine is not None:  # every rank writes its optimizer shard
-            backend.engine.save_checkpoint(str(tmp / "model"), tag=DS_TAG, client_state={}, save_latest=False)
+            backend.engine.save_checkpoint(str(tmp / "model"), tag=DS_TAG, client_state={}, save_latest=False,
+                                           exclude_frozen_parameters=self.trained_only)
         elif backend.is_main:
             (tmp / "model").mkdir()
-            save_model(backend.accelerator.unwrap_model(model), str(tmp / "model" / "model.safetensors"))  # tied weights
+            if self.trained_only:  # the adapters or the unfrozen parts, and the optimizer: the checkpoint's news
+                save_file({k: v.contiguous() for k, v in trained_state(net).items()},
+                          str(tmp / "model" / TRAINED_FILE))
+            else:
+                save_model(net, str(tmp / "model" / "model.safetensors"))  # tied weights once
             torch.save(optimizer.state_dict(), tmp / "model" / "optimizer.pt")
         if backend.is_main and self.cfg.model.name_or_path:  # the architecture, should the user's folder move
             save_architecture(backend.accelerator.unwrap_model(model), tmp / ARCHITECTURE)
@@ -135,7 +155,8 @@ class Checkpointer:
         save_config(self.cfg, tmp / "config.yaml")
         files = {str(p.relative_to(tmp)): p.stat().st_size for p in tmp.rglob("*") if p.is_file()}
         meta = {"train_state": state.state_dict(), "config": config_to_dict(self.cfg), "files": files,
-                "versions": library_versions(), "deepspeed": self.backend.uses_deepspeed, "tokenizer": self.vocab}
+                "versions": library_versions(), "deepspeed": self.backend.uses_deepspeed, "tokenizer": self.vocab,
+                "trained_only": self.trained_only}
         fsync_tree(tmp)
         with open(tmp / STATE_FILE, "w", encoding="utf-8") as f:  # the completion marker, written last
             json.dump(meta, f, indent=1)
@@ -201,8 +222,12 @@ class Checkpointer:
         if engine is not None:
             tag = DS_UNIVERSAL_TAG if needs_universal(point, backend.world_size) else DS_TAG
             engine.load_checkpoint(str(point.path / "model"), tag=tag, load_optimizer_states=True,
-                                   load_lr_scheduler_states=False, load_module_strict=True)
+                                   load_lr_scheduler_states=False, load_module_strict=not point.trained_only)
             replay_bias_correction(engine)
+        elif point.trained_only:  # the trained parameters; the rest came from the pretrained folder or the seed
+            load_trained(backend.accelerator.unwrap_model(model), point.path / "model" / TRAINED_FILE)
+            optimizer.load_state_dict(torch.load(point.path / "model" / "optimizer.pt", weights_only=True,
+                                                 map_location="cpu"))
         else:  # full (unsharded) states: any number of processes can load them
             load_model(backend.accelerator.unwrap_model(model), str(point.path / "model" / "model.safetensors"))
             optimizer.load_state_dict(torch.load(point.path / "model" / "optimizer.pt", weights_only=True,
@@ -245,7 +270,9 @@ class Checkpointer:
             frozen["tokenizer_dir"] = (saved.tokenizer_dir, now.tokenizer_dir)
         frozen.update({"max_seq_len": (saved.max_seq_len, now.max_seq_len),
                        "seed": (saved.seed, now.seed),
-                       "eval.best_metric": (saved.eval.best_metric, now.eval.best_metric)})  # best_score's unit
+                       "eval.best_metric": (saved.eval.best_metric, now.eval.best_metric),  # best_score's unit
+                       "freeze": (saved.freeze, now.freeze), "optimizer": (saved.optimizer, now.optimizer),
+                       **{f"lora.{k}": (getattr(saved.lora, k), getattr(now.lora, k)) for k in vars(now.lora)}})
         changed = [f"--{k} ({a!r} -> {b!r})" for k, (a, b) in frozen.items() if a != b]
         if fingerprinted and point.tokenizer != self.vocab:  # e.g. the same folder, retrained
             changed.append(f"the tokenizer in {now.tokenizer_dir} (vocabulary {point.tokenizer} -> {self.vocab})")
@@ -272,11 +299,16 @@ class Checkpointer:
     def export_final(self, model, tokenizer, step: int) -> Path:
         """The trained model as a plain HF folder (safetensors) + tokenizer in output_dir/final, atomically."""
         backend = self.backend
-        state_dict = distributed.full_state_dict(backend, model)
+        net = backend.accelerator.unwrap_model(model)
+        adapters = self.cfg.lora.r > 0  # merged into a copy: a plain model, the run's own left as it is
+        state_dict = None if adapters else distributed.full_state_dict(backend, model)
         final = Path(self.cfg.output_dir) / "final"
         if backend.is_main:
-            write_model_folder(backend.accelerator.unwrap_model(model), tokenizer, families.get(self.cfg.model.type),
-                               self.cfg.max_seq_len, final, {"run": str(self.cfg.output_dir), "step": step,
-                                                             "weights": "end of training"}, state_dict=state_dict)
+            import copy
+
+            write_model_folder(plain(copy.deepcopy(net)) if adapters else net, tokenizer,
+                               families.get(self.cfg.model.type), self.cfg.max_seq_len, final,
+                               {"run": str(self.cfg.output_dir), "step": step, "weights": "end of training"},
+                               state_dict=state_dict)
         distributed.barrier(backend)
         return final

@@ -19,9 +19,10 @@ from pathlib import Path
 
 from lowmem_train.config.errors import ConfigError, first_line
 from lowmem_train.config.shipped import ROOT
+from lowmem_train.model import adapt
 from lowmem_train.model.pretrained import ARCHITECTURE
-from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, STATE_FILE, ResumePoint, newest_intact, read_checkpoint,
-                                        write_model_folder)
+from lowmem_train.trainer.files import (CHECKPOINTS, DS_TAG, STATE_FILE, TRAINED_FILE, ResumePoint, newest_intact,
+                                        read_checkpoint, write_model_folder)
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,11 @@ class ExportResult:
     weights: str  # "deepspeed" (ZeRO shards joined) or "safetensors"
 
 
-def export_checkpoint(checkpoint: Path, output: Path, tokenizer_dir: str = "", overwrite: bool = False) -> ExportResult:
-    """Export the checkpoint `checkpoint` means (a step_* folder, `latest`, or a run folder) into `output`."""
+def export_checkpoint(checkpoint: Path, output: Path, tokenizer_dir: str = "", overwrite: bool = False,
+                      adapter_only: bool = False) -> ExportResult:
+    """Export the checkpoint `checkpoint` means (a step_* folder, `latest`, or a run folder) into `output`.
+    A LoRA run's adapters are merged into the base weights (a plain model), or written alone (`adapter_only`: peft's
+    adapter folder, for PeftModel.from_pretrained(base, folder))."""
     output = check_output(output, overwrite)
     point = find_checkpoint(checkpoint)
     from lowmem_train.config.loader import config_from_dict
@@ -50,11 +54,52 @@ def export_checkpoint(checkpoint: Path, output: Path, tokenizer_dir: str = "", o
     state_dict, source = read_weights(point.path)
     architecture = point.path / ARCHITECTURE  # a pretrained model's, kept with the checkpoint (pretrained.py)
     model = build_model(run_cfg, tokenizer, architecture if architecture.is_dir() else None)
-    load_weights(model, state_dict, point.path, tokenizer_dir)
+    if point.trained_only:  # the base from where training took it, then what the run trained
+        model = with_trained_parts(model, run_cfg, family, state_dict, point.path)
+    else:
+        load_weights(model, state_dict, point.path, tokenizer_dir)
+    if adapter_only:
+        if not run_cfg.lora.r:
+            raise ConfigError(f"--adapter_only: {point.path} trained no LoRA adapters (--lora.r was 0)")
+        write_adapter_folder(model, tokenizer, family, run_cfg.max_seq_len, output)
+        return ExportResult(point, output, run_cfg.model.type, adapt.counts(model)[0], source)
+    model = adapt.plain(model)
     provenance = {"checkpoint": str(point.path.resolve()), "step": point.state.step, "epoch": point.state.position.epoch,
                   "model_type": run_cfg.model.type, "weights": source, "tokenizer_dir": str(tokenizer_dir)}
     write_model_folder(model, tokenizer, family, run_cfg.max_seq_len, output, provenance)
     return ExportResult(point, output, run_cfg.model.type, sum(p.numel() for p in model.parameters()), source)
+
+
+def with_trained_parts(model, run_cfg, family, state_dict: dict, ckpt: Path):
+    """A partly trained run's model (--freeze, --lora.*): the pretrained folder's weights (or the seed's, as the run
+    began), frozen and wrapped as in training, and the checkpoint's trained parameters, every one of them."""
+    if run_cfg.model.name_or_path:
+        from lowmem_train.model.pretrained import PretrainedFolder, load_weights as load_pretrained
+
+        load_pretrained(model, PretrainedFolder(run_cfg.model.name_or_path, f"model.name_or_path in {ckpt}"))
+    model = adapt.prepare_trained(model, run_cfg, family)
+    expected = set(adapt.trained_state(model))
+    if set(state_dict) != expected:
+        odd = sorted(set(state_dict) ^ expected)
+        raise ConfigError(f"--checkpoint: {ckpt} holds other trained tensors than its config trains (e.g. {odd[0]!r})")
+    model.load_state_dict(state_dict, strict=False)
+    return model
+
+
+def write_adapter_folder(model, tokenizer, family, max_length: int, output: Path) -> None:
+    """peft's adapter folder (adapter_config.json + adapter_model.safetensors) and the tokenizer, atomically."""
+    import shutil
+
+    from lowmem_train.model.tokenizer import for_export
+    from lowmem_train.trainer.files import fsync_tree
+
+    tmp = output.with_name(f".{output.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    for_export(tokenizer, family, max_length).save_pretrained(str(tmp))
+    fsync_tree(tmp)
+    shutil.rmtree(output, ignore_errors=True)
+    tmp.rename(output)
 
 
 def check_output(output: Path, overwrite: bool) -> Path:
@@ -130,10 +175,11 @@ def read_weights(ckpt: Path) -> tuple[dict, str]:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             return get_fp32_state_dict_from_zero_checkpoint(str(model_dir), tag=DS_TAG), "deepspeed"
-        if (model_dir / "model.safetensors").is_file():
-            from safetensors.torch import load_file
+        for name in ("model.safetensors", TRAINED_FILE):  # the whole model, or what a partly trained run trained
+            if (model_dir / name).is_file():
+                from safetensors.torch import load_file
 
-            return load_file(model_dir / "model.safetensors"), "safetensors"
+                return load_file(model_dir / name), "safetensors"
     # The readers raise an open-ended set on damaged files (unpickling, zip, safetensors, DeepSpeed's own
     # checks); whatever it is, the user needs to know which checkpoint, not a traceback.
     except Exception as exc:  # noqa: BLE001

@@ -26,6 +26,7 @@ STATE_FILE = "train_state.json"  # the completion marker, written last
 DS_TAG = "ds"  # the tag DeepSpeed state is saved under
 DS_UNIVERSAL_TAG = "ds_universal"  # DeepSpeed's layout-free format, for resuming on another number of processes
 CHECKPOINTS = "checkpoints"
+TRAINED_FILE = "trained.safetensors"  # a partly trained model's checkpoint holds only what it trains (plain path)
 
 
 @dataclass
@@ -36,6 +37,7 @@ class ResumePoint:
     state: TrainState
     config: dict
     tokenizer: str | None = None  # fingerprint of the vocabulary the checkpoint was trained with
+    trained_only: bool = False  # it holds the trained parameters only (frozen parts, a LoRA base: not)
 
     @property
     def plan(self) -> dict:
@@ -65,7 +67,7 @@ def read_checkpoint(path: Path) -> ResumePoint:
     for name, size in meta.get("files", {}).items():
         if not (path / name).is_file() or (path / name).stat().st_size != size:
             raise ValueError(f"{path / name} is missing or truncated")
-    return ResumePoint(path, state, config, meta.get("tokenizer"))
+    return ResumePoint(path, state, config, meta.get("tokenizer"), bool(meta.get("trained_only", False)))
 
 
 def newest_intact(root: Path) -> ResumePoint | None:

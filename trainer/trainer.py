@@ -24,6 +24,7 @@ from lowmem_train.config.errors import ConfigError
 from lowmem_train.config.loader import save_config
 from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
+from lowmem_train.model.adapt import counts, prepare_trained
 from lowmem_train.model.build import build_model
 from lowmem_train.model.pretrained import ARCHITECTURE
 from lowmem_train.trainer import denormals, distributed, run_folder, threads
@@ -327,8 +328,12 @@ class Trainer:
         architecture = resume.path / ARCHITECTURE if resume and (resume.path / ARCHITECTURE).is_dir() else None
         with self.backend.model_init():
             self.model = build_model(cfg, self.tokenizer, architecture)
-        if cfg.model.name_or_path and resume is None:  # a resumed run continues from its own checkpoint
+        if cfg.model.name_or_path and (resume is None or resume.trained_only):  # base weights: the folder's
             self.checkpointer.load_pretrained(self.model)
+        if cfg.lora.r and self.backend.zero_stage == 3:
+            raise ConfigError("--lora.r with ZeRO-3: peft's adapters on partitioned parameters are not supported "
+                              "here; use ZeRO-2 (--deepspeed_config=zero2_offload) or no DeepSpeed")
+        self.model = prepare_trained(self.model, cfg, self.family)  # --freeze, --lora.*: model/adapt.py
         self.model, self.optimizer = self.backend.prepare(self.model, make_optimizer(self.backend, self.model, cfg))
         self.guard.attach(self.backend, self.model, self.out)
         encoder = Encoder(self.tokenizer, cfg.model.type, cfg.max_seq_len, cfg.data.overlong)
@@ -379,6 +384,11 @@ class Trainer:
         origin = f" from {cfg.model.name_or_path}" if cfg.model.name_or_path else ""
         log.info("%s %s, %.2fM parameters%s; %s; %s; precision %s; %d CPU threads per rank (%s)", cfg.model.type,
                  cfg.output_dir, params / 1e6, origin, where, engine, b.precision, *self.cpu_threads)
+        trained, frozen = counts(b.accelerator.unwrap_model(self.model))
+        if frozen:
+            what = (f"LoRA r={cfg.lora.r} adapters" if cfg.lora.r else f"all but --freeze {','.join(cfg.freeze)}")
+            log.info("training %.2fM of %.2fM parameters (%s; %.2fM frozen), optimizer %s", trained / 1e6,
+                     (trained + frozen) / 1e6, what, frozen / 1e6, cfg.optimizer)
         log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
                  "accumulation %d x %d processes); from epoch %d step %d", self.train_index.num_rows,
                  len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,

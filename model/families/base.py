@@ -73,6 +73,8 @@ class ModelFamily:
     padding_side: str = "right"  # of batched generation prompts
     model_inputs: tuple[str, ...] = ("input_ids", "attention_mask", "labels")
     sentencepiece_tokenizer: str = ""  # the transformers class that converts a folder holding only spiece.model
+    freeze_parts: dict[str, list[str]] = {}  # --freeze names -> module name globs (model/adapt.py)
+    lora_targets: tuple[str, ...] = ()  # modules that get LoRA adapters by default (peft's own choice for the type)
 
     # ---- tokens by role ------------------------------------------------------------------------------------------
     def specials(self, tokenizer) -> Specials:

@@ -28,6 +28,8 @@ class GptFamily(ModelFamily):
     hf_model_types = ("gpt2",)
     encoder_decoder = False
     padding_side = "left"
+    freeze_parts = {"embeddings": ["transformer.wte", "transformer.wpe"]}
+    lora_targets = ("c_attn",)
 
     def prompt_end_id(self, tokenizer, eos: int) -> int:
         sep = getattr(tokenizer, "sep_token_id", None)

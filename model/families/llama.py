@@ -29,6 +29,8 @@ class LlamaFamily(GptFamily):
     name = "llama"
     hf_model_types = ("llama", "mistral", "qwen2")
     sentencepiece_tokenizer = "LlamaTokenizer"
+    freeze_parts = {"embeddings": ["model.embed_tokens"]}
+    lora_targets = ("q_proj", "v_proj")
 
     def specials(self, tokenizer) -> Specials:
         base = super().specials(tokenizer)

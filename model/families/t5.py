@@ -29,6 +29,10 @@ class T5Family(ModelFamily):
     padding_side = "right"  # the encoder reads the attention mask
     model_inputs = ("input_ids", "attention_mask", "labels", "decoder_input_ids")
     sentencepiece_tokenizer = "T5Tokenizer"
+    # the prior art froze the shared embeddings and the encoder when fine-tuning: --freeze embeddings,encoder
+    freeze_parts = {"embeddings": ["shared", "encoder.embed_tokens", "decoder.embed_tokens"], "encoder": ["encoder"],
+                    "decoder": ["decoder"]}
+    lora_targets = ("q", "v")
 
     def specials(self, tokenizer):
         if tokenizer.pad_token_id is None:  # T5 starts the decoder from it: no fallback would match the weights

@@ -163,9 +163,26 @@ def check_fits(cfg: RunConfig, world_size: int | None = None, plan=None, probe=N
 
 
 # ---- what the estimate command prints ---------------------------------------------------------------------
+def optimizer_line(s, cfg: RunConfig) -> str:
+    """'transformers Adafactor (...): 0.64 MB of state for 44.30M trained parameters (AdamW: 338.0 MB)'."""
+    from lowmem_train.trainer.optim import describe
+
+    trained = s.params if s.trained < 0 else s.trained
+    state = 8 * trained if s.optimizer_state < 0 else s.optimizer_state
+    frozen = s.params - trained
+    parts = [f"{describe(cfg.optimizer)}: {size_text(state)} of state for {trained / 1e6:.2f}M trained parameters"]
+    if frozen:
+        parts.append(f"{frozen / 1e6:.2f}M frozen" + (f" (LoRA r={cfg.lora.r} on a frozen base)" if cfg.lora.r else
+                                                     f" (--freeze {','.join(cfg.freeze)})"))
+    if cfg.optimizer != "adamw":
+        parts.append(f"AdamW would keep {size_text(8 * trained)}")
+    return "; ".join(parts)
+
+
+
 def render(est: Estimate, cap: Capacity, better, cfg: RunConfig) -> str:
     e, s, plan = est.engine, est.shape, est.plan
-    per_param = " + ".join(f"{p.name} {p.per_param:g}" + (" (host)" if p.where == "host" and e.gpu else "")
+    per_param = " + ".join(f"{p.name} {p.per_param:.3g}" + (" (host)" if p.where == "host" and e.gpu else "")
                            for p in est.states)
     total = sum(p.per_param for p in est.states)
     ckpt = "on" if plan.gradient_checkpointing else "off"
@@ -174,7 +191,8 @@ def render(est: Estimate, cap: Capacity, better, cfg: RunConfig) -> str:
         f"model        {cfg.model.type}, {s.params / 1e6:.2f}M parameters (largest layer {s.largest_layer / 1e6:.2f}M), "
         f"vocabulary {s.vocab} from {s.vocab_source}",
         f"engine       {e.describe()}",
-        f"bytes/param  {per_param} = {total:g} B per parameter per rank = {size_text(total * s.params)}",
+        f"bytes/param  {per_param} = {total:.3g} B per parameter per rank = {size_text(total * s.params)}",
+        f"optimizer    {optimizer_line(s, cfg)}",
     ]
     if est.deepspeed_says:
         lines.append(f"             DeepSpeed's estimator: {est.deepspeed_says}")

@@ -25,6 +25,7 @@ when the stack changes. Everything heavy is imported inside functions: the estim
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -58,10 +59,22 @@ class StatePart:
 
 @dataclass(frozen=True)
 class ModelShape:
-    params: int
+    params: int  # every parameter, adapters included
     largest_layer: int  # parameters of the largest module (ZeRO-3 gathers one at a time)
     vocab: int
     vocab_source: str
+    trained: int = -1  # parameters that get gradients and optimizer state (-1: all of them)
+    optimizer_state: int = -1  # bytes of the optimizer's state for them (-1: AdamW's 8 per trained parameter)
+    optimizer: str = "adamw"
+
+    @property
+    def trained_share(self) -> float:
+        return 1.0 if self.trained < 0 else self.trained / max(self.params, 1)
+
+    @property
+    def optimizer_per_param(self) -> float:
+        """The optimizer's state in bytes per parameter of the whole model (what StatePart counts in)."""
+        return 8 * self.trained_share if self.optimizer_state < 0 else self.optimizer_state / max(self.params, 1)
 
 
 @dataclass(frozen=True)
@@ -78,7 +91,7 @@ class Engine:
     gpu: bool
 
     def describe(self) -> str:
-        name = "plain Accelerate (AdamW, no DeepSpeed)" if self.ds_config is None else (
+        name = "plain Accelerate (no DeepSpeed)" if self.ds_config is None else (
             f"DeepSpeed ZeRO-{self.zero_stage}" + (", optimizer offloaded to CPU" if self.offload_optimizer else "")
             + (", parameters offloaded to CPU" if self.offload_params else "") + f" ({self.ds_config.name})")
         return (f"{name}, {self.precision}, {self.world_size} process(es) ({self.local_ranks} on this machine), "
@@ -125,13 +138,19 @@ def model_shape(cfg: RunConfig) -> ModelShape:
         def __len__(self) -> int:
             return vocab
 
+    from lowmem_train.model import families
+    from lowmem_train.model.adapt import prepare_trained
+    from lowmem_train.trainer import optim
+
     with torch.random.fork_rng(devices=[]), torch.device("meta"):  # build_model seeds torch: leave the RNG as it was
-        model = build_model(cfg, VocabOnly())
+        model = prepare_trained(build_model(cfg, VocabOnly()), cfg, families.get(cfg.model.type))  # --freeze, --lora
     # DeepSpeed's model_to_params dedupes shared weights by data_ptr(), which is 0 for every meta tensor;
     # parameters() already yields a tied weight once, by identity.
     params = sum(p.numel() for p in model.parameters())
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    return ModelShape(params, largest, vocab, source)
+    trained = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    return ModelShape(params, largest, vocab, source, sum(math.prod(s) for s in trained),
+                      optim.state_bytes(cfg.optimizer, trained), cfg.optimizer)
 
 
 def resolve_engine(cfg: RunConfig, world_size: int | None = None) -> Engine:
@@ -156,25 +175,29 @@ def resolve_engine(cfg: RunConfig, world_size: int | None = None) -> Engine:
                   int(local) if local.isdigit() else world, gpu)  # not launched: one machine assumed
 
 
-def state_bytes(engine: Engine, grad_accum: int) -> list[StatePart]:
-    """What one rank holds per parameter, by part (DeepSpeed 0.19 ZeRO-1/2/3, torch AdamW)."""
+def state_bytes(engine: Engine, grad_accum: int, shape: ModelShape | None = None) -> list[StatePart]:
+    """What one rank holds per parameter of the model, by part (DeepSpeed 0.19 ZeRO-1/2/3, torch AdamW or
+    transformers' Adafactor). Gradients and optimizer state exist for trained parameters only (--freeze, LoRA)."""
     w, e = engine.world_size, (4 if engine.precision == "fp32" else 2)
-    if engine.ds_config is None:  # torch AdamW; accelerate's mixed precision autocasts and keeps fp32 weights
+    t = 1.0 if shape is None else shape.trained_share
+    opt_bytes, opt_name = (8.0, "AdamW m+v") if shape is None else (shape.optimizer_per_param, {
+        "adamw": "AdamW m+v", "adafactor": "Adafactor rows+columns"}[shape.optimizer])
+    if engine.ds_config is None:  # accelerate's mixed precision autocasts and keeps fp32 weights
         parts = [StatePart("weights", 4, "device"),
-                 StatePart("gradients", 4, "device"),  # zero_grad(set_to_none=True) frees them
-                 StatePart("AdamW m+v", 8, "device")]  # created by the first step
+                 StatePart("gradients", 4 * t, "device"),  # zero_grad(set_to_none=True) frees them
+                 StatePart(opt_name, opt_bytes, "device")]  # created by the first step
         if w > 1:
-            parts.append(StatePart("DDP gradient buckets", 4, "device"))
+            parts.append(StatePart("DDP gradient buckets", 4 * t, "device"))
         return parts
     opt = "host" if engine.offload_optimizer else "device"
     parts = [StatePart("weights", e / w if engine.zero_stage == 3 else e, "host" if engine.offload_params else "device"),
-             StatePart("fp32 master partition", 4 / w, opt),
-             StatePart("gradient partition", 4 / w, opt),
-             StatePart("AdamW m+v partition", 8 / w, opt)]
+             StatePart("fp32 master partition", 4 * t / w, opt),
+             StatePart("gradient partition", 4 * t / w, opt),
+             StatePart(f"{opt_name} partition", opt_bytes / w, opt)]
     if engine.zero_stage <= 1:
-        parts.append(StatePart("gradients (unpartitioned)", e, "device"))
+        parts.append(StatePart("gradients (unpartitioned)", e * t, "device"))
     if engine.offload_optimizer and grad_accum > 1:  # ZeRO sums the micro-batches' gradients in a CPU buffer
-        parts.append(StatePart("accumulation buffer", 4 / w, "host"))
+        parts.append(StatePart("accumulation buffer", 4 * t / w, "host"))
     return parts
 
 
@@ -213,11 +236,11 @@ def estimate_for_plan(cfg: RunConfig, shape: ModelShape, engine: Engine, plan) -
     elem = 4 if engine.precision == "fp32" else 2
     per_sample = activation_bytes_per_sample(cfg, shape.vocab, plan.gradient_checkpointing, elem, engine.gpu)
     other = activation_bytes_per_sample(cfg, shape.vocab, not plan.gradient_checkpointing, elem, engine.gpu)
-    states = state_bytes(engine, plan.grad_accum)
+    states = state_bytes(engine, plan.grad_accum, shape)
     on_host = [s for s in states if s.where == "host" or not engine.gpu]  # a CPU run's "device" is host RAM
     activations = plan.micro_batch * per_sample
     if engine.ds_config is None:  # AdamW's foreach step builds parameter-sized temporaries once activations are gone
-        activations = max(activations, 4 * shape.params)
+        activations = max(activations, 4 * shape.params * shape.trained_share)
     host = {"python + torch + libraries": RANK_BASELINE + (DEEPSPEED_RANK_EXTRA if engine.ds_config else 0)}
     if engine.gpu:
         host["CUDA libraries"] = int(CUDA_HOST)
