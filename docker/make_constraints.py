@@ -3,7 +3,7 @@ environment this runs in (the venv the tests pass in), so the image runs the sta
 
     .venv/bin/python docker/make_constraints.py        # after changing dependencies; commit the result
 
-Dev-only tools (pytest, hypothesis, datasets, linters) are left out: only what `lowmem-train` itself requires,
+Dev-only tools (pytest, hypothesis, linters) are left out: only what `lowmem-train` itself requires,
 recursively, plus the tools that build DeepSpeed's ops (setuptools, ninja) and pip itself.
 """
 
