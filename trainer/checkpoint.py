@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -238,8 +239,8 @@ class Checkpointer:
         saved = config_from_dict(point.config, where=str(point.path / STATE_FILE))
         now = self.cfg
         # name_or_path may move: the shape fields it resolved to and the tokenizer's fingerprint are what must match
-        frozen = {f"model.{k}": (getattr(saved.model, k), getattr(now.model, k)) for k in vars(now.model)
-                  if k not in ("attn_implementation", "name_or_path")}
+        shape = [f.name for f in fields(now.model) if f.name not in ("attn_implementation", "name_or_path")]
+        frozen = {f"model.{k}": (getattr(saved.model, k), getattr(now.model, k)) for k in shape}
         fingerprinted = bool(point.tokenizer and self.vocab)  # older checkpoints carry none: the path must match
         if not fingerprinted:
             frozen["tokenizer_dir"] = (saved.tokenizer_dir, now.tokenizer_dir)
