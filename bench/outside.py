@@ -16,11 +16,12 @@ from dataclasses import dataclass, field
 import psutil
 
 
-def tree_pss(pid: int) -> int:
-    """PSS of a process and all its descendants, in bytes (0 for whatever exits while we look)."""
+def tree_pss(pid: int, with_root: bool = True) -> int:
+    """PSS of a process and all its descendants, in bytes (0 for whatever exits while we look). `with_root=False`:
+    the descendants only (under a launcher: every rank's tree together, without the launcher itself)."""
     try:
         root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
+        procs = [root, *root.children(recursive=True)][0 if with_root else 1:]
     except psutil.Error:
         return 0
     total = 0
@@ -44,15 +45,17 @@ class SampledRun:
         return max((pss for _, pss in self.samples), default=0)
 
 
-def run_sampled(cmd: list[str], interval: float = 0.05, timeout: float | None = None, **popen) -> SampledRun:
-    """Run `cmd` to its end, sampling its tree's PSS every `interval` seconds. On a timeout or an interrupt the
-    command's whole tree is killed before the exception propagates: nothing measured outlives the measurement."""
+def run_sampled(cmd: list[str], interval: float = 0.05, timeout: float | None = None, with_root: bool = True,
+                **popen) -> SampledRun:
+    """Run `cmd` to its end, sampling its tree's PSS every `interval` seconds (without `cmd`'s own process when
+    `with_root` is False: a launcher's ranks). On a timeout or an interrupt the command's whole tree is killed
+    before the exception propagates: nothing measured outlives the measurement."""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
     samples: list[tuple[float, int]] = []
 
     def sample() -> None:
         while proc.poll() is None:
-            samples.append((time.time(), tree_pss(proc.pid)))
+            samples.append((time.time(), tree_pss(proc.pid, with_root)))
             time.sleep(interval)
 
     sampler = threading.Thread(target=sample, daemon=True)

@@ -17,6 +17,7 @@ from fnmatch import fnmatchcase
 import torch
 
 from lowmem_train.config.errors import ConfigError
+from lowmem_train.trainer.compat import full_numel
 
 
 def prefixes(name: str) -> list[str]:
@@ -72,7 +73,7 @@ def counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trained, frozen) parameter elements, each tensor counted once (ZeRO-3: its full size)."""
     trained = frozen = 0
     for param in model.parameters():
-        n = getattr(param, "ds_numel", param.numel())
+        n = full_numel(param)
         trained, frozen = (trained + n, frozen) if param.requires_grad else (trained, frozen + n)
     return trained, frozen
 

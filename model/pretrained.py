@@ -26,6 +26,7 @@ from functools import cached_property
 from pathlib import Path
 
 from lowmem_train.config.errors import ConfigError, first_line
+from lowmem_train.trainer.compat import full_shape
 
 FLAG = "--model.name_or_path"
 SHAPE_FIELDS = ("type", "d_model", "num_layers", "num_decoder_layers", "num_heads", "d_ff", "vocab_size")
@@ -140,7 +141,7 @@ def tied_aliases(model) -> set[str]:
 def check_weights(model, state_dict: dict, where: str) -> None:
     """Every tensor of `model` in `state_dict` with its shape, and nothing else; raise ConfigError naming one."""
     expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
-    shapes = {name: tuple(getattr(p, "ds_shape", p.shape)) for name, p in model.named_parameters()}  # ZeRO-3
+    shapes = {name: full_shape(p) for name, p in model.named_parameters()}  # whole shapes, also under ZeRO-3
     expected.update(shapes)
     missing = sorted(set(expected) - set(state_dict) - tied_aliases(model))
     unexpected = sorted(set(state_dict) - set(expected))

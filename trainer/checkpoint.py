@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -263,8 +264,8 @@ class Checkpointer:
         saved = config_from_dict(point.config, where=str(point.path / STATE_FILE))
         now = self.cfg
         # name_or_path may move: the shape fields it resolved to and the tokenizer's fingerprint are what must match
-        frozen = {f"model.{k}": (getattr(saved.model, k), getattr(now.model, k)) for k in vars(now.model)
-                  if k not in ("attn_implementation", "name_or_path")}
+        shape = [f.name for f in fields(now.model) if f.name not in ("attn_implementation", "name_or_path")]
+        frozen = {f"model.{k}": (getattr(saved.model, k), getattr(now.model, k)) for k in shape}
         fingerprinted = bool(point.tokenizer and self.vocab)  # older checkpoints carry none: the path must match
         if not fingerprinted:
             frozen["tokenizer_dir"] = (saved.tokenizer_dir, now.tokenizer_dir)
@@ -272,7 +273,7 @@ class Checkpointer:
                        "seed": (saved.seed, now.seed),
                        "eval.best_metric": (saved.eval.best_metric, now.eval.best_metric),  # best_score's unit
                        "freeze": (saved.freeze, now.freeze), "optimizer": (saved.optimizer, now.optimizer),
-                       **{f"lora.{k}": (getattr(saved.lora, k), getattr(now.lora, k)) for k in vars(now.lora)}})
+                       **{f"lora.{k}": (getattr(saved.lora, k), getattr(now.lora, k)) for k in (f.name for f in fields(now.lora))}})
         changed = [f"--{k} ({a!r} -> {b!r})" for k, (a, b) in frozen.items() if a != b]
         if fingerprinted and point.tokenizer != self.vocab:  # e.g. the same folder, retrained
             changed.append(f"the tokenizer in {now.tokenizer_dir} (vocabulary {point.tokenizer} -> {self.vocab})")

@@ -57,3 +57,17 @@ def full_numel(param: torch.Tensor) -> int:
     """Elements of the whole parameter, also under ZeRO-3 where `numel()` of the placeholder is 0
     (deepspeed 0.19.8: `param.ds_numel`)."""
     return getattr(param, "ds_numel", param.numel())
+
+
+def full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    """Shape of the whole parameter, also under ZeRO-3 where the placeholder is empty (deepspeed 0.19.8:
+    `param.ds_shape`)."""
+    return tuple(getattr(param, "ds_shape", param.shape))
+
+
+def instance_attributes(obj) -> dict:
+    """Every attribute an object holds, its private ones included (`vars`). The memory snapshot counts the tensors an
+    optimizer holds: DeepSpeed's ZeRO optimizers (deepspeed 0.19.8) keep their fp32 partitions, gradient partitions
+    and buffers in attributes whose names differ by stage and version, so it reads all of them rather than name
+    any; an object without a __dict__ (slots, C types) gives nothing."""
+    return dict(vars(obj)) if hasattr(obj, "__dict__") else {}

@@ -24,6 +24,16 @@ cluster would be) cannot be produced for real on a single machine: that rank's m
 A MemoryError while the batch of `step` is prepared (in a DataLoader worker or the prefetch thread), on that rank,
 once per run: the first process to fire creates `marker`, whatever process (a new worker) comes next.
 
+    LOWMEM_FAULT_CRASH="step=N[,rank=R]"
+A bug that surfaces mid-run: the N-th optimizer step (numbered as the log numbers it; on that rank only) raises an
+error the trainer does not expect (InjectedCrash, a RuntimeError as most errors inside torch code are), so that a
+test sees what a crash leaves behind: exit code 1, its status, the checkpoints before it.
+
+    LOWMEM_FAULT_ALLOCATE="mb=M,step=N[,keep=1]"
+Memory of a known size inside a step: the N-th optimizer step touches M MB more than it needs and frees them
+before the step ends, between two samples of the memory guard, where only a step peak can see them; with keep=1
+it holds them for the rest of the run (a run that grows past its start).
+
 Unset (always, outside tests), each check is a single attribute read.
 """
 
@@ -143,3 +153,45 @@ class CollateFault:
 
 
 COLLATE_FAULT = CollateFault(os.environ.get("LOWMEM_FAULT_COLLATE_OOM"))
+
+
+def _fields(spec: str | None) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in spec.split(",")) if spec else {}
+
+
+class InjectedCrash(RuntimeError):
+    """The error LOWMEM_FAULT_CRASH raises: nothing in the product catches it by name."""
+
+
+class Crash:
+    def __init__(self, spec: str | None):
+        fields = _fields(spec)
+        self.step = int(fields.get("step", 0))
+        self.rank = int(fields["rank"]) if "rank" in fields else None
+
+    def during_step(self, step: int, rank: int) -> None:
+        if self.step and step == self.step and (self.rank is None or self.rank == rank):
+            raise InjectedCrash(f"injected by LOWMEM_FAULT_CRASH in step {step} on rank {rank}")
+
+
+CRASH = Crash(os.environ.get("LOWMEM_FAULT_CRASH"))
+
+
+class Allocate:
+    def __init__(self, spec: str | None):
+        fields = _fields(spec)
+        self.bytes = int(float(fields.get("mb", 0)) * 2**20)
+        self.step = int(fields.get("step", 0))
+        self.keep = fields.get("keep", "0") == "1"
+        self.held: list[torch.Tensor] = []
+
+    def during_step(self, step: int) -> None:
+        if not self.bytes or step != self.step:
+            return
+        block = torch.ones(self.bytes // 4)  # written, so every page is resident (an untouched one costs nothing)
+        if self.keep:
+            self.held.append(block)
+        del block  # freed here: a block this large goes straight back to the system (mmap'ed, not kept by malloc)
+
+
+ALLOCATE = Allocate(os.environ.get("LOWMEM_FAULT_ALLOCATE"))

@@ -34,8 +34,9 @@ from lowmem_train.trainer.files import CHECKPOINTS, ResumePoint, complete_checkp
 log = logging.getLogger(__name__)
 
 # Everything a run writes into its output_dir.
+STATUS_FILE = "exit_status.json"  # written by the train command (commands/train.py)
 RUN_ITEMS = (CHECKPOINTS, "final", "metrics.jsonl", "memory.jsonl", "config.yaml", "tensorboard", "memory_report.png",
-             "exit_status.json", "oom_plan.json")
+             STATUS_FILE, "oom_plan.json")
 PREVIOUS_RUNS = "previous_runs"
 SHARED_TOKEN = ".shared_storage_check"
 
@@ -50,9 +51,12 @@ class StartPlan:
 
 
 def run_items(out: Path) -> list[Path]:
-    """The traces of a run in `out` (an empty checkpoints/ folder is no trace)."""
+    """The traces of a run in `out` (an empty checkpoints/ folder is no trace). A status file alone is none either:
+    a start refused for a user error writes one into a folder that held nothing, and the corrected command must
+    not be refused for it (it is replaced when the run starts)."""
     found = [out / name for name in RUN_ITEMS if (out / name).exists()]
-    return [p for p in found if not (p.name == CHECKPOINTS and p.is_dir() and not any(p.iterdir()))]
+    found = [p for p in found if not (p.name == CHECKPOINTS and p.is_dir() and not any(p.iterdir()))]
+    return [] if [p.name for p in found] == [STATUS_FILE] else found
 
 
 def plan_start(cfg: RunConfig) -> StartPlan:

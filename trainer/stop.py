@@ -3,13 +3,13 @@
 The handler only sets a flag. Every rank hands its flag to the step's one agreement (step.py, agree_step), and
 `agree()` all-reduces it where no step runs (at epoch boundaries); either way all ranks learn it at the same
 step, finish it, save and exit 0 together: no rank waits forever on a collective that a dead or stopping peer
-never joins. A second Ctrl-C exits at once.
+never joins. A second Ctrl-C raises KeyboardInterrupt, as Python's own handler would: the user means it, and the
+command layer (commands/train.py) ends the process at once.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import signal
 
 from lowmem_train.trainer import distributed
@@ -29,7 +29,7 @@ class StopSignal:
 
     def _handle(self, signum, frame) -> None:
         if self.flag and signum == signal.SIGINT:
-            os._exit(130)  # second Ctrl-C: the user means it
+            raise KeyboardInterrupt  # second Ctrl-C: quit now, without the save (commands/train.py exits)
         self.flag = True
         self.signal_name = signal.Signals(signum).name
         log.warning("%s received: finishing this step, saving a checkpoint, then stopping (Ctrl-C again to quit now)",

@@ -29,13 +29,14 @@ from lowmem_train.model.build import build_model
 from lowmem_train.model.pretrained import ARCHITECTURE
 from lowmem_train.trainer import denormals, distributed, run_folder, threads
 from lowmem_train.trainer.backend import launched_world_size, make_backend, make_optimizer
-from lowmem_train.trainer.checkpoint import Checkpointer, needs_universal
+from lowmem_train.trainer.checkpoint import Checkpointer, OutOfDisk, needs_universal
 from lowmem_train.trainer.compat import full_numel
 from lowmem_train.trainer.data.dataset import LowMemDataset
 from lowmem_train.trainer.data.encode import EncodeStats, Encoder, vocab_fingerprint
 from lowmem_train.trainer.data.loader import batches_of
 from lowmem_train.trainer.data.setup import load_datasets
 from lowmem_train.trainer.evaluate import EvalResult, Evaluator
+from lowmem_train.trainer.faults import ALLOCATE, CRASH
 from lowmem_train.trainer.memory.estimate import check_fits
 from lowmem_train.trainer.memory.guard import MemoryGuard
 from lowmem_train.trainer.memory.policy import OutOfMemoryGiveUp
@@ -62,10 +63,12 @@ class FitResult:
 
 
 class Trainer:
-    def __init__(self, cfg: RunConfig, on_peer_lost=None):
+    def __init__(self, cfg: RunConfig, on_peer_lost=None, on_started=None):
         """`on_peer_lost(message, announced_reason)`: called from a watch thread when another rank is gone
-        (distributed.PeerWatch); it must end the process (the main thread may be stuck in a collective)."""
-        self.cfg, self.on_peer_lost = cfg, on_peer_lost
+        (distributed.PeerWatch); it must end the process (the main thread may be stuck in a collective).
+        `on_started()`: called once setup has passed every check that can refuse the run, before the first step
+        (the train command then marks the run folder's status as started)."""
+        self.cfg, self.on_peer_lost, self.on_started = cfg, on_peer_lost, on_started
         self.out = Path(cfg.output_dir)
         self.peers = None
         self.denormals_were_flushed: bool | None = None  # as found by setup (restored when fit ends)
@@ -82,7 +85,9 @@ class Trainer:
                 self.peers.done("user_error")
             raise
         cfg, state = self.cfg, self.state
-        result = None
+        result, failure = None, "crashed"
+        if self.on_started is not None:
+            self.on_started()
         try:
             while state.position.epoch < cfg.epochs and not self.stop.agree() and not self.should_stop():
                 self.run_log.start_epoch(state.position.epoch, cfg.epochs, self.dataset.steps_per_epoch(), self.step_in_epoch())
@@ -105,18 +110,26 @@ class Trainer:
             log.error("error: %s; restart with --is_keep_training=auto",
                       self.guard.record_oom_in_collective(self.state.step, str(exc)))
             result = FitResult(self.state.step, self.last_eval, False, None, outcome="oom_in_backward")
+        except OutOfDisk:
+            failure = "out_of_disk"  # every rank raises it at the same save (Checkpointer.has_disk_space agrees)
+            raise
+        except ConfigError:
+            failure = "user_error"
+            raise
         finally:
             self.restore_process_settings()
             self.stop.restore()
             self.snapshot_request.restore()
             self.run_log.close()
-            if self.peers is not None:  # what the other ranks hear: an exception here is a failure too
-                self.peers.done("failed" if result is None else
+            if self.peers is not None:  # what the other ranks hear, and record as this run's outcome if they must end
+                self.peers.done(failure if result is None else
                                 "done" if result.outcome in ("finished", "stopped") else result.outcome)
         return result
 
     def one_step(self, batch: dict) -> None:
         cfg, state = self.cfg, self.state
+        CRASH.during_step(state.step + 1, self.backend.rank)  # test seams (faults.py); no-ops unless asked for
+        ALLOCATE.during_step(state.step + 1)
         lr = lr_at(state.step, self.total_steps, cfg)
         plan = self.guard.plan
         try:

@@ -1,6 +1,7 @@
 """The container image, built and run here, and its entrypoint.
 
-Slow (a Docker engine is needed: .ci/run starts one when run as root; skipped with the reason otherwise):
+Slow (a Docker engine is needed: .ci/run starts one when run as root; in CI as root a missing engine or a build
+that cannot start fails these tests, elsewhere they skip with the reason):
 `docker/build.sh --cpu` builds lowmem-train:cpu (a local Debian base, the host's CPU torch wheel, DeepSpeed's
 ops prebuilt), then real containers run it:
 - `--help` runs once, directly, as a non-root user;
@@ -23,6 +24,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -62,19 +64,41 @@ def engine_problem() -> str | None:
     return None
 
 
+def cannot_run(reason: str) -> None:
+    """In CI (CI=true) as root, .ci/run installs and starts the engine and the build's tools: that they are missing
+    is a failure of CI, which must not go green without building the image. Elsewhere (a developer's machine
+    without root) the tests skip, saying why."""
+    if os.environ.get("CI", "").lower() in ("true", "1") and os.geteuid() == 0:
+        pytest.fail(f"{reason} (CI as root: .ci/run should have installed and started it; see /var/log/dockerd.log)")
+    pytest.skip(f"{reason}; .ci/run installs and starts one when it runs as root")
+
+
 @pytest.fixture(scope="module")
 def image() -> str:
     problem = engine_problem()
     if problem:
-        pytest.skip(f"{problem}; .ci/run installs and starts one when it runs as root")
+        cannot_run(problem)
     start = time.monotonic()
     result = subprocess.run(["bash", str(ROOT / "docker" / "build.sh"), "--cpu", "--tag", IMAGE], cwd=ROOT,
                             capture_output=True, text=True, timeout=3600)
     if result.returncode == BUILD_PREREQUISITE_MISSING:
-        pytest.skip(f"docker/build.sh --cpu cannot build here: {result.stderr.strip().splitlines()[-1]}")
+        cannot_run(f"docker/build.sh --cpu cannot build here: {result.stderr.strip().splitlines()[-1]}")
     assert result.returncode == 0, f"docker/build.sh --cpu failed:\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
     print(f"{IMAGE} built in {time.monotonic() - start:.0f} s")
     return IMAGE
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="in CI the container tests run as root; elsewhere they only skip")
+def test_without_an_engine_the_container_tests_fail_in_ci_as_root_and_skip_elsewhere(tmp_path):
+    """A PATH without the docker client: with CI=true (as .ci/run sets it) the image fixture fails the test; without
+    it, the test skips with the reason."""
+    test = f"{Path(__file__)}::test_help_runs_once_as_a_non_root_user"
+    for ci, code, verdict in (("true", 1, "1 error"), ("", 0, "1 skipped")):  # a fixture that fails: an error
+        env = {**os.environ, "PATH": str(tmp_path), "CI": ci}
+        run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", test], cwd=ROOT,
+                             env=env, capture_output=True, text=True, timeout=300)
+        assert (run.returncode, verdict in run.stdout, "no docker client on PATH" in run.stdout) == (code, True, True), \
+            (ci, run.stdout[-3000:])
 
 
 @pytest.mark.slow

@@ -40,8 +40,51 @@ def test_the_step_peak_matches_the_peak_measured_from_outside(tiny_task, tmp_pat
     between = max(s["tree_pss_gb"] for s in samples) * GB
     print(f"outside {run.peak / GB:.3f} GB, step peak {step_peak / GB:.3f} GB, between steps {between / GB:.3f} GB")
     assert abs(step_peak / run.peak - 1) < 0.10, (step_peak / GB, run.peak / GB)
-    # (That the high-water mark sees what comes and goes between two samples: test_memory_probe.py, with a real
-    # allocation of known size; here the allocator keeps most freed pages, so samples between steps come close.)
+    # (Here the allocator keeps most freed pages, so samples between steps come close; what only a step peak sees:
+    # the next test, with an allocation of known size.)
+
+
+def sampled_run(tiny_task, out, extra: list[str], env: dict | None = None) -> list[dict]:
+    """A tiny run without validation; the guard's samples (memory.jsonl), in step order."""
+    run = subprocess.run([sys.executable, str(ENTRY), "train", *task_options(tiny_task, out), "--validation_file=",
+                          *TINY_MODEL, "--batch_size_per_gpu=16", "--save_steps=100000", *extra], cwd=REPO,
+                         capture_output=True, text=True, timeout=900,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    assert run.returncode == 0, run.stderr[-3000:]
+    return journal(out, "sample")
+
+
+def test_the_step_peak_sees_what_a_step_allocates_and_frees_and_starts_over_at_the_next_sample(tiny_task, tmp_path):
+    """Step 4 touches 256 MB and frees them before the step ends (the allocate seam): a reading between steps
+    cannot see them, the step peak of the sample after step 4 does (the high-water mark), and the peaks after it
+    start over (the mark is reset at every sample) instead of carrying step 4's for the rest of the run."""
+    spike = 256 * 2**20
+    samples = sampled_run(tiny_task, tmp_path / "run", ["--max_steps=8", "--memory.probe_every=1"],
+                          env={"LOWMEM_FAULT_ALLOCATE": "mb=256,step=4"})
+    by_step = {s["step"]: s for s in samples}
+    assert sorted(by_step) == list(range(1, 9)), sorted(by_step)
+    rise = {step: (s["step_peak_gb"] - s["tree_pss_gb"]) * GB for step, s in by_step.items()}
+    print({step: f"{r / 2**20:.0f} MB" for step, r in rise.items()})
+    assert rise[4] >= 0.9 * spike, rise  # seen by the step peak...
+    assert abs(by_step[4]["tree_pss_gb"] - by_step[3]["tree_pss_gb"]) * GB < 0.2 * spike  # ...not between steps
+    assert all(rise[step] < 0.2 * spike for step in (6, 7, 8)), rise  # and forgotten once sampled
+
+
+def test_sampling_tightens_to_every_step_when_the_run_grows_near_its_budget(tiny_task, tmp_path):
+    """A budget 0.6 GB above what the run needs: after the first sample shows headroom, the guard samples every 5th
+    step. From step 7 the run holds 0.45 GB more (the allocate seam, keep=1): the sample at step 10 shows less than
+    the headroom threshold (20% of the budget) left, above the emergency floor, and from there every step is
+    sampled (a step away from seeing trouble, not probe_every)."""
+    needs = max(s["step_peak_gb"] for s in sampled_run(tiny_task, tmp_path / "free", ["--max_steps=3",
+                                                                                       "--memory.probe_every=1"]))
+    budget = needs + 0.6
+    samples = sampled_run(tiny_task, tmp_path / "run", ["--max_steps=20", "--memory.probe_every=5",
+                                                         f"--memory.host_budget_gb={budget:.3f}"],
+                          env={"LOWMEM_FAULT_ALLOCATE": "mb=460,step=7,keep=1"})
+    steps = [s["step"] for s in samples]
+    assert steps == [1, 5, *range(10, 21)], (steps, needs, budget)
+    assert samples[-1]["tree_pss_gb"] > needs + 0.4  # it did grow, and stayed grown
+    assert not journal(tmp_path / "run", "plan"), "near the limit, not past the emergency floor: nothing to shed"
 
 
 def test_usr1_logs_a_memory_snapshot_at_the_next_step_and_training_goes_on(tiny_task, tmp_path):

@@ -56,7 +56,7 @@ def test_cpu_adam_step_advances_only_the_beta_powers(deepspeed_ops):
     assert torch.equal(param.detach(), before)  # no parameter touched
 
 
-@pytest.mark.parametrize("attribute", ["ds_tensor", "ds_numel"])
+@pytest.mark.parametrize("attribute", ["ds_tensor", "ds_numel", "ds_shape"])
 def test_deepspeed_still_keeps_zero3_partitions_where_compat_reads_them(attribute):
     from deepspeed.runtime.zero import partition_parameters
 
@@ -64,3 +64,17 @@ def test_deepspeed_still_keeps_zero3_partitions_where_compat_reads_them(attribut
         f".{attribute} = " in inspect.getsource(partition_parameters)
     plain = torch.nn.Parameter(torch.ones(3))
     assert compat.zero3_local_shard(plain) is None and compat.full_numel(plain) == 3
+    assert compat.full_shape(torch.nn.Parameter(torch.ones(2, 3))) == (2, 3)
+
+
+def test_instance_attributes_show_what_an_optimizer_holds_and_nothing_for_slots():
+    param = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([param])
+    optimizer.zero_grad()
+    attributes = compat.instance_attributes(optimizer)
+    assert "state" in attributes and "param_groups" in attributes
+
+    class Slotted:
+        __slots__ = ("x",)
+
+    assert compat.instance_attributes(Slotted()) == {}

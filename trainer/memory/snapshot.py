@@ -22,7 +22,7 @@ from typing import Iterable, Iterator, Sequence
 
 import torch
 
-from lowmem_train.trainer.compat import zero3_local_shard
+from lowmem_train.trainer.compat import instance_attributes, zero3_local_shard
 from lowmem_train.trainer.memory.footprint import RANK_BASELINE
 from lowmem_train.trainer.memory.probe import MemoryProbe, process_pss
 from lowmem_train.trainer.memory.units import GB, MemorySample
@@ -128,7 +128,7 @@ def tally_parts(model: torch.nn.Module, optimizer) -> StorageTally:
     for opt in chain:  # fp32 master copies' .grad (ZeRO offload) and gradient buffers named as such
         groups = getattr(opt, "param_groups", None) or []
         tally.add("gradients", [p.grad for g in groups if isinstance(g, dict) for p in g.get("params", [])])
-        attrs = vars(opt) if hasattr(opt, "__dict__") else {}
+        attrs = instance_attributes(opt)
         tally.add("gradients", (t for name, v in attrs.items() if "grad" in name.lower() for t in _tensors(v)))
     for opt in chain:  # everything else an optimizer holds: moments, fp32 masters, step counters
         state = getattr(opt, "state", None)
@@ -136,7 +136,7 @@ def tally_parts(model: torch.nn.Module, optimizer) -> StorageTally:
             tally.add("optimizer state", (t for s in state.values() for t in _tensors(s)))
         groups = getattr(opt, "param_groups", None) or []
         tally.add("optimizer state", [p for g in groups if isinstance(g, dict) for p in g.get("params", [])])
-        attrs = vars(opt) if hasattr(opt, "__dict__") else {}
+        attrs = instance_attributes(opt)
         tally.add("optimizer state", (t for v in attrs.values() for t in _tensors(v)))
     return tally
 
