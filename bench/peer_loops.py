@@ -4,9 +4,11 @@
 Every loop does the arithmetic of lowmem-train's step: the model is `build_model(cfg, tokenizer)`, batches are
 pre-tokenized rows collated by the trainer's `collate` (padded to the batch's longest row), the loss is
 `families.get("t5").token_loss_sum(model, batch) / target tokens of the batch`, AdamW with the trainer's parameter
-groups and schedule, gradient clipping at 1.0. They are written as a user of each tool would write them: nothing
-here sets what lowmem-train sets for speed (flushing denormal floats, trainer/denormals.py), unless
-`bench/peers.py --peers_flush_denormal` asks for it. The bare torch loop also runs on a GPU for bench/gpu_check.py
+groups and schedule, gradient clipping at 1.0. AdamW is torch's fused kernel in every loop, as lowmem-train builds
+it (trainer/optim.py) and as Seq2SeqTrainer's default `adamw_torch_fused` does: the same arithmetic, so that a ratio
+measures the loops, not three AdamW implementations (on CPU the fused step is ~4x faster than the default loop for
+t5_small). They are written as a user of each tool would write them: nothing here sets what lowmem-train sets for
+speed (flushing denormal floats, trainer/denormals.py), unless `bench/peers.py --peers_flush_denormal` asks for it. The bare torch loop also runs on a GPU for bench/gpu_check.py
 (another preset, the model and each batch on the device, bf16 autocast as Accelerate's mixed precision applies it).
 """
 
@@ -23,6 +25,14 @@ REPO = Path(__file__).resolve().parent.parent
 DS_FILE = REPO / "ds_configs" / "zero2_offload.json"
 MARK = "PEERS_RESULT "  # the line a child prints with its numbers (rank 0 only)
 IGNORE_INDEX = -100
+# --preset of bench/peers.py and bench/step_phases.py -> (config preset, overrides) for every loop. t5_small as the
+# issue measures it: one step per batch of 32 (no accumulation), dropout 0 (the peers' arithmetic is then the same
+# with any RNG), no DataLoader worker (a one-process comparison: every loop prepares its batches in its own process).
+PRESETS = {
+    "t5_tiny": (None, {}),
+    "t5_small": ("t5_small", {"batch_size_per_gpu": "32", "gradient_accumulation_steps": "1", "model.dropout": "0",
+                              "data.num_workers": "0"}),
+}
 
 
 def base_config(data: Path, preset: str | None = None, overrides: dict | None = None):
@@ -116,7 +126,8 @@ def child_torch(data: Path, total: int, warmup: int, device: str = "cpu", precis
     `precision` bf16 the forward under bf16 autocast, fp32 weights and optimizer (Accelerate's mixed precision)."""
     cfg, tokenizer, model, pairs, family, torch = child_common(data, preset, overrides)
     model.to(device)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=True)
     loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
     schedule_steps = cfg.epochs * len(loader)
     if device != "cpu":
@@ -152,12 +163,14 @@ def timed_loop(model, optimizer, loader, family, cfg, schedule_steps: int, total
     return clock, loss
 
 
-def child_accelerate(data: Path, total: int, warmup: int) -> dict:
-    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+def child_accelerate(data: Path, total: int, warmup: int, preset: str | None = None,
+                     overrides: dict | None = None) -> dict:
+    cfg, tokenizer, model, pairs, family, torch = child_common(data, preset, overrides)
     from accelerate import Accelerator
 
     accelerator = Accelerator(cpu=True)
-    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8)
+    optimizer = torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.learn_rate, betas=(0.9, 0.999), eps=1e-8,
+                                  fused=True)
     loader = make_loader(pairs, cfg, tokenizer, cfg.batch_size_per_gpu)
     schedule_steps = cfg.epochs * len(loader)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
@@ -167,9 +180,10 @@ def child_accelerate(data: Path, total: int, warmup: int) -> dict:
     return clock.result(cfg.batch_size_per_gpu, threads=torch.get_num_threads(), last_loss=float(loss))
 
 
-def child_accelerate_ds(data: Path, total: int, warmup: int) -> dict | None:
+def child_accelerate_ds(data: Path, total: int, warmup: int, preset: str | None = None,
+                        overrides: dict | None = None) -> dict | None:
     """Launched by `accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml`, one per rank."""
-    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+    cfg, tokenizer, model, pairs, family, torch = child_common(data, preset, overrides)
     from accelerate import Accelerator, DeepSpeedPlugin
     from accelerate.utils import DummyOptim, InitProcessGroupKwargs
 
@@ -199,8 +213,11 @@ def child_accelerate_ds(data: Path, total: int, warmup: int) -> dict | None:
     return result if accelerator.is_main_process else None
 
 
-def child_hf(data: Path, total: int, warmup: int, out: Path) -> dict:
-    cfg, tokenizer, model, pairs, family, torch = child_common(data)
+def child_hf(data: Path, total: int, warmup: int, out: Path, preset: str | None = None,
+             overrides: dict | None = None) -> dict:
+    """Seq2SeqTrainer with its default optimizer, adamw_torch_fused (torch >= 2.8), named here so that it stays the
+    fused kernel whatever a later transformers makes the default."""
+    cfg, tokenizer, model, pairs, family, torch = child_common(data, preset, overrides)
     from functools import partial
 
     from lowmem_train.trainer.data.encode import collate
@@ -226,7 +243,7 @@ def child_hf(data: Path, total: int, warmup: int, out: Path) -> dict:
         output_dir=str(out), per_device_train_batch_size=cfg.batch_size_per_gpu, max_steps=total,
         learning_rate=cfg.learn_rate, weight_decay=cfg.weight_decay, adam_beta1=0.9, adam_beta2=0.999,
         adam_epsilon=1e-8, max_grad_norm=cfg.max_grad_norm, lr_scheduler_type="cosine", warmup_steps=cfg.warmup_ratio,
-        optim="adamw_torch", use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
+        optim="adamw_torch_fused", use_cpu=True, report_to=[], eval_strategy="no", save_strategy="no",
         logging_strategy="no", disable_tqdm=True, dataloader_drop_last=True, dataloader_pin_memory=False,
         dataloader_num_workers=0, remove_unused_columns=False, seed=cfg.seed)
     trainer = TokenLossTrainer(model=model, args=args, train_dataset=pairs, callbacks=[StepClock()],
@@ -237,14 +254,15 @@ def child_hf(data: Path, total: int, warmup: int, out: Path) -> dict:
 
 def run_child(args) -> None:
     data, total, warmup = args.data, args.warmup + args.steps, args.warmup
+    preset, overrides = PRESETS[getattr(args, "preset", None) or "t5_tiny"]
     if args.child == "torch":
-        result = child_torch(data, total, warmup)
+        result = child_torch(data, total, warmup, preset=preset, overrides=overrides)
     elif args.child == "accelerate":
-        result = child_accelerate(data, total, warmup)
+        result = child_accelerate(data, total, warmup, preset, overrides)
     elif args.child == "accelerate_ds":
-        result = child_accelerate_ds(data, total, warmup)
+        result = child_accelerate_ds(data, total, warmup, preset, overrides)
     elif args.child == "hf":
-        result = child_hf(data, total, warmup, args.out)
+        result = child_hf(data, total, warmup, args.out, preset, overrides)
     else:
         raise SystemExit(f"unknown child {args.child}")
     if result is not None:

@@ -1,16 +1,19 @@
 """lowmem-train against peers on the same model, tokenizer, data and batch: samples/s, target tokens/s, peak memory.
 
-    python bench/peers.py [--quick] [--work DIR] [--rounds R] [--steps N] [--steps_2proc N] [--only NAMES]
+    python bench/peers.py [--quick] [--preset t5_tiny|t5_small] [--work DIR] [--rounds R] [--steps N] [--only NAMES]
 
-Configurations (t5_tiny, i.e. the defaults of config/schema.py: T5 d_model 128, 2+2 layers, character vocabulary,
-max_seq_len 32, AdamW lr 3e-3, fp32, micro-batch 128 per process, on the bundled task of 200,000 rows):
+Configurations (--preset t5_tiny, the default, i.e. the defaults of config/schema.py: T5 d_model 128, 2+2 layers,
+character vocabulary, max_seq_len 32, AdamW lr 3e-3, fp32, micro-batch 128 per process, on the bundled task of
+200,000 rows; --preset t5_small: config/t5_small.yaml's model, d_model 512, 6+6 layers, 44 M parameters with the same
+vocabulary, lr 1e-3, batch 32 per step without accumulation, dropout 0, no DataLoader worker, and by default only
+lowmem, torch and hf, one process; bench/peer_loops.py PRESETS):
 
   1 process   lowmem       `train_low_mem.py train` from the text parquet (validation off, no checkpoint before the end)
               lowmem_tok   the same from a token-id parquet written once by `train_low_mem.py prepare --tokenize`
                            (what lowmem-train offers instead of the peers' pre-tokenized rows in memory)
               torch        a bare torch loop
               accelerate   a bare Accelerate loop
-              hf           HF Seq2SeqTrainer (report_to=[], no eval, no saving, optim adamw_torch)
+              hf           HF Seq2SeqTrainer (report_to=[], no eval, no saving, its default optim adamw_torch_fused)
   2 processes lowmem_ds    `accelerate launch --config_file accelerate_configs/cpu_2proc_deepspeed.yaml train_low_mem.py
                            train`: DeepSpeed ZeRO-2, optimizer offloaded to CPU (ds_configs/zero2_offload.json)
               accelerate_ds  a bare Accelerate + DeepSpeed loop, launched the same way, on the same JSON file
@@ -20,7 +23,8 @@ Every configuration runs in its own fresh subprocess, sampled from outside (benc
 process tree, launcher and ranks included, every 0.1 s). Every loop does the same arithmetic: the model is
 `build_model(cfg, tokenizer)`, batches are `Encoder(...).encode` + `collate` (padded to the longest row of the
 batch), the loss is `families.get("t5").token_loss_sum(model, batch) / target tokens of the batch`, AdamW with
-the trainer's parameter groups, gradient clipping at 1.0. The peers pre-tokenize every training row once (as their
+the trainer's parameter groups (torch's fused kernel in every loop, as lowmem-train and Seq2SeqTrainer build it),
+gradient clipping at 1.0. The peers pre-tokenize every training row once (as their
 users would after a `datasets.map`; cached in the data folder) and shuffle with a DataLoader; lowmem-train reads
 and tokenizes parquet inside its training process, as it does for a user.
 
@@ -31,8 +35,9 @@ by the median step of the run (other jobs on a shared machine stall a run for se
 mean more than the median). Every configuration runs `--rounds` times, in alternating order (drift hits both ends
 alike); the table shows the fastest round, since other jobs only ever slow a run down, with the range of all
 rounds next to it; peak memory is the largest of the rounds. Ratios are lowmem-train / peer of the same process
-count, measured in the same run of this script. The pad share per step (the trainer's collate pads to the batch's
-longest row) is counted over one epoch of random batches.
+count, measured in the same run of this script; with several rounds a second table pairs them by round (a round's
+runs follow one another, so a busy spell moves them more alike than it moves different rounds). The pad share per
+step (the trainer's collate pads to the batch's longest row) is counted over one epoch of random batches.
 
 Other jobs on the machine: torch runs one intra-op thread per core by default, and a one-process run then waits at
 every parallel region for a thread that another job's process has pushed off its core; under load such runs slow
@@ -61,7 +66,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.*
 from bench.outside import run_sampled
-from bench.peer_loops import MARK, base_config, run_child
+from bench.peer_loops import MARK, PRESETS, base_config, run_child
 
 REPO = Path(__file__).resolve().parent.parent
 ENTRY = REPO / "train_low_mem.py"
@@ -80,6 +85,18 @@ CONFIGS = {
     "accelerate_ds": (2, "bare Accelerate + DeepSpeed loop"),
 }
 REFERENCE = {1: "lowmem", 2: "lowmem_ds"}
+DEFAULT_NAMES = {"t5_small": ("lowmem", "torch", "hf")}  # t5_small: the issue's comparison; --only for the others
+
+
+def preset_config(data: Path, preset: str):
+    name, overrides = PRESETS[preset]
+    return base_config(data, name, overrides)
+
+
+def preset_options(preset: str) -> list[str]:
+    """lowmem-train's command-line options for what PRESETS gives the peers."""
+    name, overrides = PRESETS[preset]
+    return ([f"--config={name}"] if name else []) + [f"--{k}={v}" for k, v in overrides.items()]
 
 
 def read_rows(path: Path, columns: tuple[str, str]) -> list[tuple]:
@@ -224,12 +241,14 @@ def run_config(name: str, args, data: Path, steps: int, tag: str) -> dict:
     env = run_env(args)
     if name.startswith("lowmem"):
         train = data / "tokenized" / "train.parquet" if name == "lowmem_tok" else data / "train.parquet"
-        cmd = [*launcher(procs), str(ENTRY), "train", f"--train_file={train}", "--validation_file=",
-               f"--tokenizer_dir={data / 'tokenizer'}", f"--output_dir={out}", f"--max_steps={args.warmup + steps}",
-               "--logging_steps=1", "--save_steps=1000000"]
+        cmd = [*launcher(procs), str(ENTRY), "train", *preset_options(args.preset), f"--train_file={train}",
+               "--validation_file=", f"--tokenizer_dir={data / 'tokenizer'}", f"--output_dir={out}",
+               f"--max_steps={args.warmup + steps}", "--logging_steps=1", "--save_steps=1000000",
+               # OMP_NUM_THREADS=1 alone would not do: lowmem-train reads 1 there as a launcher's default (threads.py)
+               *([f"--cpu_threads={args.threads}"] if args.threads and procs == 1 else [])]
     else:
         cmd = [*launcher(procs), str(Path(__file__).resolve()), "--child", name, "--data", str(data),
-               "--steps", str(steps), "--warmup", str(args.warmup), "--out", str(out)]
+               "--steps", str(steps), "--warmup", str(args.warmup), "--out", str(out), "--preset", args.preset]
     t0 = time.perf_counter()
     run = run_sampled(cmd, interval=args.interval, timeout=args.timeout, cwd=REPO, env=env)
     wall = time.perf_counter() - t0
@@ -241,7 +260,7 @@ def run_config(name: str, args, data: Path, steps: int, tag: str) -> dict:
         tail = "\n".join((run.stderr or run.stdout).strip().splitlines()[-25:])
         raise SystemExit(f"{name} failed (exit {run.returncode}): {' '.join(cmd)}\n{tail}")
     if name.startswith("lowmem"):
-        result = lowmem_result(out, args.warmup, steps, procs, base_config(data).batch_size_per_gpu)
+        result = lowmem_result(out, args.warmup, steps, procs, preset_config(data, args.preset).batch_size_per_gpu)
     else:
         lines = [line for line in run.stdout.splitlines() if line.startswith(MARK)]
         if not lines:
@@ -249,7 +268,7 @@ def run_config(name: str, args, data: Path, steps: int, tag: str) -> dict:
         result = json.loads(lines[-1][len(MARK):])
     lo, hi = result["window"]
     steady = [pss for t, pss in run.samples if lo <= t <= hi]
-    result.update(name=name, wall=wall, peak=run.peak, steady_peak=max(steady, default=0),
+    result.update(name=name, wall=wall, load=os.getloadavg()[0], peak=run.peak, steady_peak=max(steady, default=0),
                   samples_per_s=result["samples"] / result["seconds"], tokens_per_s=result["tokens"] / result["seconds"])
     step = statistics.median(result["step_s"])
     print(f"  {name:<14} {procs}p  {result['samples_per_s']:8,.0f} samples/s  {result['tokens_per_s']:9,.0f} tokens/s  "
@@ -315,13 +334,32 @@ def table(results: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
+def rounds_table(results: dict[str, list[dict]]) -> str:
+    """lowmem-train / each one-process peer, round by round: over all timed steps, and at the median step."""
+    med = lambda r: r["samples"] / r["steps"] / statistics.median(r["step_s"])  # noqa: E731
+    peers = [n for n in results if CONFIGS[n][0] == 1 and not n.startswith("lowmem")]
+    if "lowmem" not in results or not peers:
+        return ""
+    head = " | ".join(f"lowmem-train / {CONFIGS[n][1]}: samples/s, at the median step" for n in peers)
+    lines = [f"| round | load average (1 min) after lowmem-train's run | lowmem-train samples/s | {head} |",
+             "|---|---|---|" + "---|" * len(peers)]
+    for r, ref in enumerate(results["lowmem"]):
+        cells = [f"{ref['samples_per_s'] / results[n][r]['samples_per_s']:.2f}, {med(ref) / med(results[n][r]):.2f}"
+                 for n in peers]
+        lines.append(f"| {r + 1} | {ref['load']:.1f} | {ref['samples_per_s']:,.0f} | {' | '.join(cells)} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="fewer steps, one round (~2-3 minutes)")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="t5_tiny",
+                    help="model and batch of every loop (module docstring); t5_small: one process, lowmem, torch, hf")
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "peers",
                     help="data (written once) and run folders (default: bench/results/peers)")
-    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps, 1 process (default 120; --quick 40)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="timed optimizer steps, 1 process (default 120, t5_small 60; --quick 40, t5_small 10)")
     ap.add_argument("--steps_2proc", type=int, default=None,
                     help="timed optimizer steps, 2 processes (default 60; --quick 20)")
     ap.add_argument("--warmup", type=int, default=10, help="optimizer steps before the clock starts")
@@ -351,10 +389,12 @@ def main() -> None:
         args.steps = args.steps or 1
         run_child(args)
         return
-    steps1 = args.steps or (40 if args.quick else 120)
+    # t5_small's step is ~7x t5_tiny's: fewer steps give a run of about the same length
+    steps1 = args.steps or {"t5_small": (10 if args.quick else 60)}.get(args.preset, 40 if args.quick else 120)
     steps2 = args.steps_2proc or (20 if args.quick else 60)
     rounds = args.rounds or (1 if args.quick else 3)
-    names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
+    default = DEFAULT_NAMES.get(args.preset, tuple(CONFIGS))
+    names = [n for n in CONFIGS if (n in args.only.split(",") if args.only else n in default)]
     unknown = set(filter(None, args.only.split(","))) - set(CONFIGS)
     if unknown or args.warmup < 1:
         raise SystemExit(f"unknown configuration(s) {', '.join(sorted(unknown))}" if unknown else "--warmup must be >= 1")
@@ -374,13 +414,13 @@ def main() -> None:
         print(f"round {r + 1}/{rounds}", flush=True)
         for name in names if r % 2 == 0 else names[::-1]:
             results[name].append(run_config(name, args, data, steps1 if CONFIGS[name][0] == 1 else steps2, f"r{r}"))
-    cfg = base_config(data)
+    cfg = preset_config(data, args.preset)
     pad = padding_stats(data, cfg.batch_size_per_gpu, cfg.seed)
     load_end = ", ".join(f"{x:.2f}" for x in os.getloadavg())
     total = time.perf_counter() - started
     print()
     print(f"Machine: {header}; at the end: {load_end}.")
-    print(f"Model t5_tiny (T5 d_model {cfg.model.d_model}, {cfg.model.num_layers}+{cfg.model.num_decoder_layers} layers, "
+    print(f"Model {args.preset} (T5 d_model {cfg.model.d_model}, {cfg.model.num_layers}+{cfg.model.num_decoder_layers} layers, "
           f"vocabulary from {data / 'tokenizer'}), max_seq_len {cfg.max_seq_len}, micro-batch {cfg.batch_size_per_gpu} "
           f"per process, fp32{f', OMP_NUM_THREADS={args.threads}' if args.threads else ''}{', the peers flush denormals' if args.peers_flush_denormal else ''}; {args.warmup} warm-up steps, then {steps1} (1 process) / {steps2} (2 processes) timed "
           f"steps; {rounds} round(s){': the fastest round, (all rounds)' if rounds > 1 else ''}. Peak PSS: whole process tree "
@@ -391,6 +431,10 @@ def main() -> None:
     print()
     print(table(results))
     print()
+    if rounds > 1 and rounds_table(results):
+        print("By round (lowmem-train / peer of the same round; above 1 = lowmem-train faster):\n")
+        print(rounds_table(results))
+        print()
     print(f"Padding per step (the trainer's collate: pad to the batch's longest row), {pad['steps']} random batches of "
           f"{cfg.batch_size_per_gpu} (one epoch): input_ids {100 * pad['input_pad']:.1f}% pad "
           f"({100 * pad['input_pad_range'][0]:.1f}-{100 * pad['input_pad_range'][1]:.1f}%; "

@@ -1,10 +1,13 @@
-"""Where a training step's time goes: lowmem-train's step cut into phases next to the bare torch loop's, on the
-model, tokenizer, data and batch of bench/peers.py (t5_tiny, 1 process, both flushing denormal floats).
+"""Where a training step's time goes: lowmem-train's step cut into phases next to the bare torch loop's and
+Seq2SeqTrainer's, on the model, tokenizer, data and batch of bench/peers.py (1 process, every loop flushing denormal
+floats; --preset t5_tiny, the default, or t5_small: batch 32, dropout 0, as bench/peer_loops.py PRESETS).
 
-    python bench/step_phases.py [--steps 200] [--rounds 2] [--threads N] [--only NAMES]   # ~5 minutes
+    python bench/step_phases.py [--preset t5_small] [--steps 200] [--rounds 2] [--threads N] [--only NAMES]  # ~5 min
+    python bench/step_phases.py --quick      # a smoke run: 1 round of 10 steps
 
 Every configuration runs in a process of its own with the same timing wrappers around the five calls both loops
-make: the family's `token_loss_sum` (forward), `Tensor.backward`, `clip_grad_norm_`, `AdamW.step`, `zero_grad`.
+make: the family's `token_loss_sum` (forward), `Tensor.backward`, clipping (`clip_grad_norm_`, or the two halves
+accelerate calls), `AdamW.step`, `zero_grad` (the optimizer's, or the model's as Seq2SeqTrainer calls it).
 A step is the time between the ends of two successive `AdamW.step` calls; `outside` is the rest of it: fetching
 the batch and everything the loop does besides those five calls. Phase columns: medians over the timed steps of
 a run's fastest round; the last column pairs each round with the bare torch loop's run of the same round (run
@@ -16,6 +19,7 @@ back to back, so other jobs on a shared machine slow both alike). A wrapper cost
   lowmem_tok      the default again, from the token-id parquet of `prepare --tokenize`
   lowmem_premade  the same steps' batches made before the first step: what the peer gets; its loop alone
   torch           the bare torch loop of bench/peer_loops.py over pre-tokenized rows in memory
+  hf              Seq2SeqTrainer as bench/peer_loops.py runs it (its default fused AdamW, same loss), pre-tokenized rows
 
 `lowmem_serial` and `lowmem_premade` replace the loader context of trainer/trainer.py (`batches_of`) in their own
 process, nothing else. Then the data path alone, no training: `LowMemDataset.iter_steps` in one thread, wall and
@@ -36,7 +40,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.*
-from bench.peers import REPO, machine, prepare_data, run_env
+from bench.peer_loops import PRESETS
+from bench.peers import REPO, machine, preset_options, prepare_data, run_env
 
 MARK = "PHASES_RESULT "
 WARM_DATA_STEPS = 50  # steps of the data path alone run before its clock starts
@@ -45,7 +50,9 @@ CONFIGS = {"lowmem": "lowmem-train (prefetch thread: the default)",
            "lowmem_serial": "lowmem-train, batches made in the training thread",
            "lowmem_tok": "lowmem-train from token ids (prefetch thread)",
            "lowmem_premade": "lowmem-train, batches made before the first step",
-           "torch": "bare torch loop, pre-tokenized rows"}
+           "torch": "bare torch loop, pre-tokenized rows",
+           "hf": "HF Seq2SeqTrainer, pre-tokenized rows"}
+DEFAULT_STEPS = {"t5_tiny": 200, "t5_small": 60}  # t5_small's step is ~7x t5_tiny's
 
 
 # ---- the child: one configuration, timed from inside -----------------------------------------------------------
@@ -69,9 +76,14 @@ def install_timers() -> list[tuple[str, float, float]]:
 
     t5.T5Family.token_loss_sum = timed("forward", t5.T5Family.token_loss_sum)
     torch.Tensor.backward = timed("backward", torch.Tensor.backward)
-    torch.nn.utils.clip_grad_norm_ = timed("clip", torch.nn.utils.clip_grad_norm_)  # accelerate calls it from here
+    torch.nn.utils.clip_grad_norm_ = timed("clip", torch.nn.utils.clip_grad_norm_)  # the bare loop calls it
+    # accelerate >= 1.1x clips without it (Accelerator._clip_grad_norm_dtensor_aware): these two, imported from
+    # torch.nn.utils at each call. clip_grad_norm_ calls their private twins, so nothing is counted twice.
+    torch.nn.utils.get_total_norm = timed("clip", torch.nn.utils.get_total_norm)
+    torch.nn.utils.clip_grads_with_norm_ = timed("clip", torch.nn.utils.clip_grads_with_norm_)
     torch.optim.AdamW.step = timed("adam", torch.optim.AdamW.step)
     torch.optim.Optimizer.zero_grad = timed("zero_grad", torch.optim.Optimizer.zero_grad)
+    torch.nn.Module.zero_grad = timed("zero_grad", torch.nn.Module.zero_grad)  # Seq2SeqTrainer: model.zero_grad()
     return events
 
 
@@ -104,13 +116,14 @@ def per_step(events, warmup: int) -> dict[str, list[float]]:
     return out
 
 
-def data_alone(data: Path, train: Path, steps: int) -> dict:
+def data_alone(data: Path, train: Path, steps: int, preset: str) -> dict:
     """ms per step of the trainer's own dataset, iterated in one thread, nothing else running."""
     from lowmem_train.config.loader import build_config
     from lowmem_train.trainer.trainer import Trainer
 
+    name, overrides = PRESETS[preset]
     with tempfile.TemporaryDirectory() as out:
-        cfg = build_config(None, {"train_file": str(train), "validation_file": "",
+        cfg = build_config(name, {**overrides, "train_file": str(train), "validation_file": "",
                                   "tokenizer_dir": str(data / "tokenizer"), "output_dir": out})
         trainer = Trainer(cfg)
         trainer.setup()
@@ -123,23 +136,32 @@ def data_alone(data: Path, train: Path, steps: int) -> dict:
         return {"wall_ms": 1000 * (time.perf_counter() - wall) / steps, "cpu_ms": 1000 * (time.process_time() - cpu) / steps}
 
 
-def child(name: str, data: Path, steps: int, warmup: int) -> dict:
+def child(name: str, data: Path, steps: int, warmup: int, preset: str) -> dict:
     if name.startswith("data_"):
-        return data_alone(data, data / ("tokenized" if name == "data_tok" else "") / "train.parquet", steps)
+        return data_alone(data, data / ("tokenized" if name == "data_tok" else "") / "train.parquet", steps, preset)
     events = install_timers()
     if name == "torch":
         from bench.peer_loops import child_torch
 
-        child_torch(data, warmup + steps, warmup)
+        child_torch(data, warmup + steps, warmup, preset=PRESETS[preset][0], overrides=PRESETS[preset][1])
+        return per_step(events, warmup)
+    if name == "hf":
+        from bench.peer_loops import child_hf
+
+        with tempfile.TemporaryDirectory() as out:
+            child_hf(data, warmup + steps, warmup, Path(out), *PRESETS[preset])
         return per_step(events, warmup)
     if name in ("lowmem_serial", "lowmem_premade"):
         replace_loader(name, warmup + steps + 1)
     from lowmem_train.commands.main import main as lowmem_main
 
     train = data / "tokenized" / "train.parquet" if name == "lowmem_tok" else data / "train.parquet"
+    # --threads: lowmem-train reads OMP_NUM_THREADS=1 as a launcher's default (threads.py), so it is said as an option
+    threads = [f"--cpu_threads={os.environ['OMP_NUM_THREADS']}"] if os.environ.get("OMP_NUM_THREADS") else []
     with tempfile.TemporaryDirectory() as out:
-        code = lowmem_main(["train", f"--train_file={train}", "--validation_file=", f"--tokenizer_dir={data / 'tokenizer'}",
-                            f"--output_dir={out}/run", f"--max_steps={warmup + steps}", "--save_steps=1000000"])
+        code = lowmem_main(["train", *preset_options(preset), f"--train_file={train}", "--validation_file=",
+                            f"--tokenizer_dir={data / 'tokenizer'}", f"--output_dir={out}/run",
+                            f"--max_steps={warmup + steps}", "--save_steps=1000000", *threads])
     if code:
         raise SystemExit(f"{name}: train exited with {code}")
     return per_step(events, warmup)
@@ -149,7 +171,7 @@ def child(name: str, data: Path, steps: int, warmup: int) -> dict:
 def run(name: str, args, data: Path, steps: int) -> dict:
     env = run_env(argparse.Namespace(threads=args.threads, torch_extensions="", peers_flush_denormal=True))
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", name, "--data", str(data), "--steps", str(steps),
-           "--warmup", str(args.warmup)]
+           "--warmup", str(args.warmup), "--preset", args.preset]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
                           check=False)
     lines = [line for line in proc.stdout.splitlines() if line.startswith(MARK)]
@@ -184,9 +206,12 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "results" / "peers",
                     help="the folder of bench/peers.py: its data/ is reused (written once if missing)")
-    ap.add_argument("--steps", type=int, default=200, help="timed optimizer steps per run")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="t5_tiny", help="model and batch (module docstring)")
+    ap.add_argument("--quick", action="store_true", help="1 round of 10 timed steps: a smoke run, not a measurement")
+    ap.add_argument("--steps", type=int, default=None, help="timed optimizer steps per run (default 200, t5_small 60)")
     ap.add_argument("--warmup", type=int, default=10, help="optimizer steps before the timed ones")
-    ap.add_argument("--rounds", type=int, default=2, help="runs of every configuration, alternating order")
+    ap.add_argument("--rounds", type=int, default=None, help="runs of every configuration, alternating order "
+                                                               "(default 2; --quick 1)")
     ap.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of every run (default: unset, torch's "
                                                            "one thread per core)")
     ap.add_argument("--only", default="", help=f"comma-separated subset of {', '.join(CONFIGS)}")
@@ -194,8 +219,10 @@ def main() -> None:
     ap.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(MARK + json.dumps(child(args.child, args.data, args.steps, args.warmup)), flush=True)
+        print(MARK + json.dumps(child(args.child, args.data, args.steps, args.warmup, args.preset)), flush=True)
         return
+    args.steps = args.steps or (10 if args.quick else DEFAULT_STEPS[args.preset])
+    args.rounds = args.rounds or (1 if args.quick else 2)
     names = [n for n in CONFIGS if not args.only or n in args.only.split(",")]
     if set(filter(None, args.only.split(","))) - set(CONFIGS) or args.warmup < 1:
         raise SystemExit(f"--only takes names among {', '.join(CONFIGS)}; --warmup must be >= 1")
@@ -211,13 +238,14 @@ def main() -> None:
             results[name].append(res)
             print(f"  round {r + 1}: {name:<15} median step {ms(res['step']):6.1f} ms, outside {ms(res['outside']):5.2f} ms",
                   flush=True)
-    alone = {kind: run(f"data_{kind}", args, data, 400) for kind in ("text", "tok")}
+    alone = {kind: run(f"data_{kind}", args, data, 40 if args.quick else 400) for kind in ("text", "tok")}
     print(f"\nMachine: {header}; at the end: {', '.join(f'{x:.2f}' for x in os.getloadavg())}.")
-    print(f"t5_tiny, 1 process, batch 128, {args.warmup} warm-up then {args.steps} timed steps, "
+    cfg = PRESETS[args.preset][1]
+    print(f"{args.preset}, 1 process, batch {cfg.get('batch_size_per_gpu', 128)}, {args.warmup} warm-up then {args.steps} timed steps, "
           f"{f'OMP_NUM_THREADS={args.threads}' if args.threads else 'torch default threads'}, denormals flushed in "
           f"every run; medians (ms) over the timed steps, {args.rounds} round(s).\n")
     print(table(results))
-    print(f"\nThe data path alone (LowMemDataset.iter_steps, one thread, 400 steps after {WARM_DATA_STEPS}): from text {alone['text']['wall_ms']:.2f} "
+    print(f"\nThe data path alone (LowMemDataset.iter_steps, one thread, {40 if args.quick else 400} steps after {WARM_DATA_STEPS}): from text {alone['text']['wall_ms']:.2f} "
           f"ms a step ({alone['text']['cpu_ms']:.2f} ms CPU), from token ids {alone['tok']['wall_ms']:.2f} ms "
           f"({alone['tok']['cpu_ms']:.2f} ms CPU).")
     print(f"Whole script: {(time.perf_counter() - started) / 60:.1f} min.")
