@@ -27,7 +27,7 @@ from lowmem_train.model import families
 from lowmem_train.model.adapt import counts, prepare_trained
 from lowmem_train.model.build import build_model
 from lowmem_train.model.pretrained import ARCHITECTURE
-from lowmem_train.trainer import denormals, distributed, run_folder, threads
+from lowmem_train.trainer import denormals, distributed, host_allocator, run_folder, threads
 from lowmem_train.trainer.backend import launched_world_size, make_backend, make_optimizer
 from lowmem_train.trainer.checkpoint import Checkpointer, OutOfDisk, needs_universal
 from lowmem_train.trainer.compat import full_numel
@@ -305,6 +305,7 @@ class Trainer:
         self.threads_were = torch.get_num_threads()
         self.cpu_threads = threads.threads_per_rank(cfg.cpu_threads, os.environ, threads.usable_cores()[0])
         threads.apply(self.cpu_threads[0])  # before the optimizer (CPU Adam) and the first parallel op
+        host_allocator.return_large_blocks()  # freed optimizer temporaries leave the process (host_allocator.py)
         if cfg.flush_denormal:  # before anything starts torch's thread pool
             self.denormals_were_flushed, denormal_warning = denormals.flush_denormals()
         else:
