@@ -43,7 +43,8 @@ FAULTS = {
                           "save of step 8, its files written, before the completion marker", "started"),
     "disk_full": Fault("disk full at save", "output_dir on a tmpfs with room for 1.5 checkpoints, --low_disk=stop",
                        "out_of_disk"),
-    "corrupt": Fault("corrupt newest checkpoint", "a run to step 8, then step 8's weights truncated", "finished"),
+    "corrupt": Fault("corrupt newest checkpoint", "a finished run, then its newest checkpoint's largest weights file "
+                     "cut in half", "finished"),
     "oom_forward": Fault("OOM in forward", "LOWMEM_FAULT_OOM on rank 1 (all forwards after the 6th), retries "
                          "used up", "out_of_memory"),
     "oom_backward": Fault("OOM in backward", "LOWMEM_FAULT_OOM phase=backward on rank 1 from step 6",

@@ -257,7 +257,7 @@ def test_the_trainer_tells_the_entrypoint_a_stop_from_a_finish(tmp_path, monkeyp
     class FakeTrainer:
         peers = None
 
-        def __init__(self, cfg, on_peer_lost):
+        def __init__(self, cfg, on_peer_lost, on_started=None):
             pass
 
         def fit(self):
