@@ -10,10 +10,13 @@ round): Adafactor's peak was 0.196 GB below AdamW's instead of the ~0.37 GB its 
 threshold fixed, 0.338 GB below, AdamW's own peak unchanged.
 
 Setting the threshold (what MALLOC_MMAP_THRESHOLD_ does at process start) turns the dynamic adjustment off. 1 MiB:
-smaller blocks stay in the heap, where reusing them is fast; a block of 1 MiB or more costs one mmap and its page
-faults on first touch, small next to the arithmetic that fills it. The setting cannot be read back, so it is not
-restored when training ends; it changes where blocks come from, never what a program computes. Left alone when
-the user set MALLOC_MMAP_THRESHOLD_, and on a C library other than glibc.
+smaller blocks stay in the heap; a block of 1 MiB or more costs one mmap and a page fault per page on first touch,
+and a training step allocates many such blocks anew (activations, and gradients after zero_grad(set_to_none)):
+on t5_small with AdamW this made the step ~25% slower (bench/peers.py --preset t5_small: 0.68-0.91x the bare
+torch loop in three rounds; 1.02-1.18x without it). So the trainer sets it for Adafactor runs only, where the memory
+is the point; AdamW's fused step frees little. A user's MALLOC_MMAP_THRESHOLD_ wins either way (33554432 gives an
+Adafactor run its speed back). The setting cannot be read back, so it is not restored when training ends; it changes
+where blocks come from, never what a program computes. Nothing on a C library other than glibc.
 """
 
 from __future__ import annotations

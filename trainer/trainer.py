@@ -305,7 +305,8 @@ class Trainer:
         self.threads_were = torch.get_num_threads()
         self.cpu_threads = threads.threads_per_rank(cfg.cpu_threads, os.environ, threads.usable_cores()[0])
         threads.apply(self.cpu_threads[0])  # before the optimizer (CPU Adam) and the first parallel op
-        host_allocator.return_large_blocks()  # freed optimizer temporaries leave the process (host_allocator.py)
+        if cfg.optimizer == "adafactor":  # its freed temporaries leave the process; costs speed (host_allocator.py)
+            host_allocator.return_large_blocks()
         if cfg.flush_denormal:  # before anything starts torch's thread pool
             self.denormals_were_flushed, denormal_warning = denormals.flush_denormals()
         else:
