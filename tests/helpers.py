@@ -48,3 +48,22 @@ def memorisable_task(root: Path, numbers: list[int]) -> Path:
     path = root / "memorise.parquet"
     pq.write_table(table, path, row_group_size=256)
     return path
+
+
+def signal_tree(pid: int, sig: int) -> int:
+    """Send `sig` to a process and all its descendants, as a node's power loss (SIGKILL) or Slurm's scancel does:
+    torch's elastic agent starts each worker in a session of its own, so a process group is not enough. Whatever has
+    exited by then is skipped. Returns how many processes the tree held."""
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        return 0
+    for member in tree:
+        try:
+            member.send_signal(sig)
+        except psutil.Error:
+            pass
+    return len(tree)

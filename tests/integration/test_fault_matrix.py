@@ -26,7 +26,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import ENTRY, REPO, TINY_MODEL, task_options
+from tests.helpers import ENTRY, REPO, TINY_MODEL, signal_tree, task_options
 from tests.integration import fault_matrix as fm
 
 pytestmark = pytest.mark.slow
@@ -98,28 +98,15 @@ class Launch:
     def kill_machine(self, machine: int) -> None:
         """Every process of the machine at once, as a power loss would: the launcher and all it started (torch's
         elastic agent starts each worker in a session of its own, so the launcher's process group is not enough)."""
-        kill_tree(self.procs[machine].pid)
+        signal_tree(self.procs[machine].pid, signal.SIGKILL)
 
     def stop(self) -> None:
         for proc in self.procs:
-            kill_tree(proc.pid)
+            signal_tree(proc.pid, signal.SIGKILL)
             proc.wait()
 
     def log(self) -> str:
         return "\n".join(log.read_text(errors="replace") for log in self.logs)
-
-
-def kill_tree(pid: int) -> None:
-    try:
-        root = psutil.Process(pid)
-        tree = [root, *root.children(recursive=True)]
-    except psutil.Error:
-        return
-    for proc in tree:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
 
 
 def last_step(out: Path) -> tuple[int, float]:

@@ -17,10 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.helpers import TINY_MODEL, task_options
+from tests.helpers import TINY_MODEL, signal_tree, task_options
 from tests.integration.stand_ins import (ENTRYPOINT, FAKE_SCANCEL, FAKE_SCONTROL, FAKE_SRUN, SBATCH, entrypoint, free_port,
                                          install, launched, running_entrypoint)
 
@@ -57,25 +56,19 @@ def test_a_save_longer_than_30_s_completes_when_every_process_gets_sigterm(tiny_
             assert run.poll() is None, f"the run ended before training (exit {run.returncode})\n{tail(log)}"
             assert time.monotonic() < deadline, f"no training within 300 s\n{tail(log)}"
             time.sleep(0.2)
-        tree = [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]
         signalled = time.monotonic()
-        for member in tree:  # entrypoint, launcher, workers: as scancel --signal=TERM does
-            try:
-                member.send_signal(signal.SIGTERM)
-            except psutil.Error:
-                pass
+        signalled_processes = signal_tree(run.pid, signal.SIGTERM)  # entrypoint, launcher, workers: as scancel --signal=TERM does
         code = run.wait(timeout=SLOW_SAVE + 90)
         took = time.monotonic() - signalled
     finally:
         if run.poll() is None:
-            for member in [psutil.Process(run.pid), *psutil.Process(run.pid).children(recursive=True)]:
-                member.kill()
+            signal_tree(run.pid, signal.SIGKILL)
     assert code == 0, f"exit {code} after {took:.0f} s\n{tail(log)}"
     assert took >= SLOW_SAVE, f"the run ended {took:.0f} s after the signal: the slow save did not happen"
     saved = (out / "checkpoints" / "latest").read_text().strip()
     assert (out / "checkpoints" / saved / "train_state.json").is_file(), tail(log)
     assert not (out / "final").exists(), "the run finished before the signal"
-    print(f"stopped, saved {saved} and exited 0 {took:.0f} s after SIGTERM to {len(tree)} processes")
+    print(f"stopped, saved {saved} and exited 0 {took:.0f} s after SIGTERM to {signalled_processes} processes")
 
 
 # ---- the entrypoint and the sbatch script alone, with stand-ins (tests/integration/stand_ins.py) -------------
