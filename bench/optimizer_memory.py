@@ -168,7 +168,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main() -> None:
     args = parse()
-    from bench.peers import machine
+    from bench.peers_report import machine
     from lowmem_train.trainer.data.zh_numerals import write_task
 
     started = time.perf_counter()

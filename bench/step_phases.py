@@ -41,7 +41,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root, for bench.*
 from bench.peer_loops import PRESETS
-from bench.peers import REPO, machine, preset_options, prepare_data, run_env
+from bench.peers import REPO, preset_options, prepare_data, run_env
+from bench.peers_report import machine
 
 MARK = "PHASES_RESULT "
 WARM_DATA_STEPS = 50  # steps of the data path alone run before its clock starts
