@@ -75,6 +75,9 @@ class ModelFamily:
     sentencepiece_tokenizer: str = ""  # the transformers class that converts a folder holding only spiece.model
     freeze_parts: dict[str, list[str]] = {}  # --freeze names -> module name globs (model/adapt.py)
     lora_targets: tuple[str, ...] = ()  # modules that get LoRA adapters by default (peft's own choice for the type)
+    # module paths of the layer lists, in the order activation_elements lists their layers (the estimate skips the
+    # leading layers that nothing trained feeds: trainer/memory/footprint.py frozen_front_layers)
+    layer_stacks: tuple[str, ...] = ()
 
     # ---- tokens by role ------------------------------------------------------------------------------------------
     def specials(self, tokenizer) -> Specials:

@@ -30,6 +30,7 @@ class GptFamily(ModelFamily):
     padding_side = "left"
     freeze_parts = {"embeddings": ["transformer.wte", "transformer.wpe"]}
     lora_targets = ("c_attn",)
+    layer_stacks = ("transformer.h",)
 
     def prompt_end_id(self, tokenizer, eos: int) -> int:
         sep = getattr(tokenizer, "sep_token_id", None)

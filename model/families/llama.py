@@ -31,6 +31,7 @@ class LlamaFamily(GptFamily):
     sentencepiece_tokenizer = "LlamaTokenizer"
     freeze_parts = {"embeddings": ["model.embed_tokens"]}
     lora_targets = ("q_proj", "v_proj")
+    layer_stacks = ("model.layers",)
 
     def specials(self, tokenizer) -> Specials:
         base = super().specials(tokenizer)

@@ -33,6 +33,7 @@ class T5Family(ModelFamily):
     freeze_parts = {"embeddings": ["shared", "encoder.embed_tokens", "decoder.embed_tokens"], "encoder": ["encoder"],
                     "decoder": ["decoder"]}
     lora_targets = ("q", "v")
+    layer_stacks = ("encoder.block", "decoder.block")
 
     def specials(self, tokenizer):
         if tokenizer.pad_token_id is None:  # T5 starts the decoder from it: no fallback would match the weights

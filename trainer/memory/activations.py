@@ -20,12 +20,15 @@ from lowmem_train.model import families
 
 
 def activation_bytes_per_sample(cfg: RunConfig, vocab: int, checkpointing: bool, elem_bytes: int = 4,
-                                gpu: bool = False) -> int:
+                                gpu: bool = False, frozen_front: int = 0) -> int:
     """Bytes kept for backward by one sample at max_seq_len (the worst case: real batches are trimmed to their
     longest row). With gradient checkpointing (non-reentrant) each layer keeps its input only; backward
-    recomputes one layer at a time, which needs that layer's activations and as much again for their gradients."""
+    recomputes one layer at a time, which needs that layer's activations and as much again for their gradients.
+    The first `frozen_front` layers keep nothing: no parameter in them or before them is trained (--freeze
+    embeddings,encoder), so autograd does not record them at all."""
     s = cfg.max_seq_len
     layers, edge_elements, logit_copies = families.get(cfg.model.type).activation_elements(cfg, gpu)
+    layers = layers[frozen_front:] or [0.0]
     edges = edge_elements * elem_bytes + logit_copies * s * vocab * 4  # the loss runs in fp32
     full = edges + sum(layers) * elem_bytes
     if checkpointing:  # with one or two layers the recomputation can cost what it saves: never more than without

@@ -199,7 +199,9 @@ def render(est: Estimate, cap: Capacity, better, cfg: RunConfig) -> str:
     lines += [
         f"activations  {size_text(est.activation_sample)} per sample at max_seq_len {cfg.max_seq_len} (checkpointing {ckpt}; "
         f"{'off' if ckpt == 'on' else 'on'}: {size_text(est.activation_other)}); x micro-batch {plan.micro_batch} "
-        f"= {size_text(est.activation_sample * plan.micro_batch)}",
+        f"= {size_text(est.activation_sample * plan.micro_batch)}"
+        + (f" (the first {est.shape.frozen_front} layers are frozen and fed by frozen ones: they keep none)"
+           if est.shape.frozen_front else ""),
         "host RAM     per rank: " + ", ".join(f"{k} {size_text(v)}" for k, v in est.host_parts.items()) + f" = {size_text(est.host_rank)}",
         f"             + {workers} DataLoader worker(s) and their fork server: {size_text(est.workers)} per rank"
         + (f" + launcher {size_text(LAUNCHER)}" if e.world_size > 1 else ""),

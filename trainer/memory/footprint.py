@@ -7,7 +7,8 @@
                 split by where they live (device or host) and divided by the ranks where ZeRO partitions;
                 DeepSpeed's own estimator gives the GPU figure where it applies (ZeRO-2/3, 16-bit)
     activations activations.py, per sample at max_seq_len (a worst case: real batches are trimmed to their
-                longest row), with or without gradient checkpointing
+                longest row), with or without gradient checkpointing; frozen layers that nothing trained feeds
+                (T5's encoder under --freeze embeddings,encoder) keep none
     host        measured constants of this software stack + the states and activations held in host RAM,
                 x local ranks, + DataLoader workers (and their fork server) + the launcher
     verdict     against the MemoryProbe's job_available (host, cgroup, Slurm or --memory.host_budget_gb) and
@@ -66,6 +67,7 @@ class ModelShape:
     trained: int = -1  # parameters that get gradients and optimizer state (-1: all of them)
     optimizer_state: int = -1  # bytes of the optimizer's state for them (-1: AdamW's 8 per trained parameter)
     optimizer: str = "adamw"
+    frozen_front: int = 0  # leading layers that keep no activations: nothing before or in them is trained
 
     @property
     def trained_share(self) -> float:
@@ -150,7 +152,33 @@ def model_shape(cfg: RunConfig) -> ModelShape:
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     trained = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     return ModelShape(params, largest, vocab, source, sum(math.prod(s) for s in trained),
-                      optim.state_bytes(cfg.optimizer, trained), cfg.optimizer)
+                      optim.state_bytes(cfg.optimizer, trained), cfg.optimizer,
+                      frozen_front_layers(model, families.get(cfg.model.type)))
+
+
+def frozen_front_layers(model, family) -> int:
+    """How many leading layers (in activation_elements' order) autograd records nothing for: the embeddings and
+    every layer up to there are frozen, so no tensor flowing through them requires a gradient (T5 with --freeze
+    embeddings,encoder: all encoder layers). A trained parameter anywhere before (or a LoRA adapter) ends the run.
+    0 (count every layer: the estimate errs high) when the family does not name its embeddings and layer stacks
+    or the model does not have them."""
+    from fnmatch import fnmatchcase
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
+    names = [n for n, p in base.named_parameters() if p.requires_grad]
+    modules = dict(base.named_modules())
+    embeddings = family.freeze_parts.get("embeddings", [])
+    if not embeddings or not family.layer_stacks or not all(e in modules for e in embeddings) \
+            or not all(s in modules for s in family.layer_stacks) \
+            or any(fnmatchcase(n, f"{e}.*") for n in names for e in embeddings):
+        return 0
+    count = 0
+    for stack in family.layer_stacks:
+        for i in range(len(modules[stack])):
+            if any(n.startswith(f"{stack}.{i}.") for n in names):
+                return count
+            count += 1
+    return count
 
 
 def resolve_engine(cfg: RunConfig, world_size: int | None = None) -> Engine:
@@ -234,8 +262,10 @@ def estimate(cfg: RunConfig, world_size: int | None = None, plan=None, shape: Mo
 def estimate_for_plan(cfg: RunConfig, shape: ModelShape, engine: Engine, plan) -> Estimate:
     """Pure arithmetic: the figures of one plan (the recommendation calls this for every candidate)."""
     elem = 4 if engine.precision == "fp32" else 2
-    per_sample = activation_bytes_per_sample(cfg, shape.vocab, plan.gradient_checkpointing, elem, engine.gpu)
-    other = activation_bytes_per_sample(cfg, shape.vocab, not plan.gradient_checkpointing, elem, engine.gpu)
+    per_sample = activation_bytes_per_sample(cfg, shape.vocab, plan.gradient_checkpointing, elem, engine.gpu,
+                                             shape.frozen_front)
+    other = activation_bytes_per_sample(cfg, shape.vocab, not plan.gradient_checkpointing, elem, engine.gpu,
+                                        shape.frozen_front)
     states = state_bytes(engine, plan.grad_accum, shape)
     on_host = [s for s in states if s.where == "host" or not engine.gpu]  # a CPU run's "device" is host RAM
     activations = plan.micro_batch * per_sample
