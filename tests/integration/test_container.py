@@ -31,6 +31,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.helpers import signal_tree
 from tests.integration.stand_ins import ENTRYPOINT, entrypoint, launched, running_entrypoint, trainer_args
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -278,13 +279,10 @@ def test_entrypoint_hands_a_stop_signal_to_the_workers_not_to_the_launcher(stand
 def test_entrypoint_exits_0_when_every_process_gets_the_signal_and_the_workers_saved(stand_ins):
     """Slurm signals every process of a job step, the launcher too; torchrun then exits 1 whatever its workers did
     (after giving them 30 s). The workers' own 0 wins."""
-    import psutil
-
     env, log = stand_ins
     proc = running_entrypoint(env, log)
     try:
-        for member in [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]:
-            member.send_signal(signal.SIGTERM)
+        signal_tree(proc.pid, signal.SIGTERM)
         _, stderr = proc.communicate(timeout=30)
     finally:
         proc.kill()

@@ -12,10 +12,9 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pytest
 
-from tests.helpers import ENTRY, REPO, TINY_MODEL, task_options
+from tests.helpers import ENTRY, REPO, TINY_MODEL, signal_tree, task_options
 
 pytestmark = pytest.mark.slow
 CONFIG = REPO / "accelerate_configs" / "multi_node_zero2_offload.yaml"
@@ -38,9 +37,7 @@ def both(port: int, options: list[str], options_1: list[str] | None = None, time
 
 def signal_machine(launcher: subprocess.Popen, sig: int) -> None:
     """What a dead (SIGKILL) or frozen (SIGSTOP) node looks like: the launcher and every process under it."""
-    procs = [psutil.Process(launcher.pid), *psutil.Process(launcher.pid).children(recursive=True)]
-    for proc in procs:
-        proc.send_signal(sig)
+    signal_tree(launcher.pid, sig)
 
 
 def our_errors(stderr: str) -> list[str]:

@@ -20,10 +20,9 @@ import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from tests.helpers import REPO, TINY_MODEL
+from tests.helpers import REPO, TINY_MODEL, signal_tree
 from tests.integration.stand_ins import FAKE_SCANCEL, FAKE_SCONTROL, FAKE_SRUN, SBATCH, free_port, install
 
 pytestmark = pytest.mark.slow
@@ -63,8 +62,7 @@ def finish(job: subprocess.Popen, output: Path, timeout: float) -> int:
     try:
         return job.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        for proc in [psutil.Process(job.pid), *psutil.Process(job.pid).children(recursive=True)]:
-            proc.kill()
+        signal_tree(job.pid, signal.SIGKILL)
         raise AssertionError(f"the job did not end within {timeout:.0f} s\n{tail(output)}") from None
 
 
