@@ -65,5 +65,8 @@ def test_plain_calls_score_what_the_run_scored(tiny_task, tmp_path, family, extr
     assert plain["hits"] == round(own["exact_match"] * 32), (plain, own)
     for case, share in plain["by_case"].items():  # per case too: the run logged each case's exact match
         assert abs(share - own[f"exact_match/{case}"]) < 1e-9, (case, plain["by_case"], own)
-    if family == "gpt":  # the pipeline sends the bare prompt (no special tokens): the model ends it itself
-        assert plain["pipeline_hits"] == plain["hits"], plain
+    if family == "gpt":  # the pipeline sends the bare prompt (no special tokens): the model ends it itself.
+        # That is one more generated token, whose float sums (and the thread count behind them) can tip a near
+        # tie among the unsure held-out answers: one row of 32 either way, seen once in ~10 runs. A pipeline
+        # that lost the layout scores near 0.
+        assert abs(plain["pipeline_hits"] - plain["hits"]) <= 1, plain
