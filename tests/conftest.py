@@ -33,6 +33,41 @@ def _ours_to_keep(proc: psutil.Process) -> bool:
         return False
 
 
+ALL_CORES = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+
+
+def worker_share() -> list[int]:
+    """The cores of this pytest-xdist worker: the machine's cores split evenly between the workers (`-n 2` on 2
+    cores: one each); [] outside xdist or with more workers than cores."""
+    worker, count = os.environ.get("PYTEST_XDIST_WORKER", ""), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if not worker.startswith("gw") or count < 2 or len(ALL_CORES) < count:
+        return []
+    index = int(worker[2:]) % count
+    return ALL_CORES[index * len(ALL_CORES) // count:(index + 1) * len(ALL_CORES) // count]
+
+
+@pytest.fixture(autouse=True)
+def cores_of_this_worker(request):
+    """Under `pytest -n 2` every test runs on its worker's share of the cores, and so does everything it starts
+    (affinity is inherited; the trainer sizes its threads from it, trainer/threads.py). Unpinned, two tests' torch
+    thread pools oversubscribe the cores and stall at every parallel region (bench/peers.py's docstring), which
+    made the parallel suite barely faster than the serial one. A test marked `all_cores` gets the whole machine."""
+    share = worker_share()
+    if not share or request.node.get_closest_marker("all_cores"):
+        yield
+        return
+    import torch
+
+    threads = torch.get_num_threads()
+    os.sched_setaffinity(0, share)
+    torch.set_num_threads(len(share))  # this process's own pool, for tests that compute in-process
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, ALL_CORES)
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def no_stray_processes():
     yield

@@ -159,6 +159,7 @@ def test_a_mistake_seen_by_rank_0_alone_reads_as_one_user_error_on_2_processes(t
     assert (status["outcome"], status["exit_code"]) == ("user_error", 2)
 
 
+@pytest.mark.all_cores
 def test_cpu_adam_runs_on_this_ranks_share_of_the_cores_not_the_launchers_one_thread(tiny_task, tmp_path,
                                                                                      deepspeed_ops):
     """`accelerate launch` without --cpu (and torchrun) give every rank OMP_NUM_THREADS=1 when it is unset; under

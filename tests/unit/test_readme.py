@@ -18,7 +18,7 @@ def test_readme_opens_with_exactly_two_commands():
     commands = readme_commands()
     assert len(commands) == 2
     assert commands[0].endswith("python train_low_mem.py train")
-    assert commands[1].endswith("python -m pytest")
+    assert commands[1].endswith("python -m pytest -n 2 --dist worksteal")
 
 
 def test_ci_runs_the_readme_test_command_verbatim():
