@@ -75,17 +75,29 @@ def cannot_run(reason: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def image() -> str:
+def image(tmp_path_factory) -> str:
+    """The CPU image, built once per test session. Under `pytest -n 2` each worker has its own module fixtures and
+    build.sh is not safe to run twice at once (one base-image folder, one tag): the first worker builds under a
+    lock in the workers' shared temporary root, the other waits for it and uses that image."""
+    from filelock import FileLock
+
     problem = engine_problem()
     if problem:
         cannot_run(problem)
-    start = time.monotonic()
-    result = subprocess.run(["bash", str(ROOT / "docker" / "build.sh"), "--cpu", "--tag", IMAGE], cwd=ROOT,
-                            capture_output=True, text=True, timeout=3600)
-    if result.returncode == BUILD_PREREQUISITE_MISSING:
-        cannot_run(f"docker/build.sh --cpu cannot build here: {result.stderr.strip().splitlines()[-1]}")
-    assert result.returncode == 0, f"docker/build.sh --cpu failed:\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
-    print(f"{IMAGE} built in {time.monotonic() - start:.0f} s")
+    session = os.environ.get("PYTEST_XDIST_TESTRUNUID")  # the same in every worker of one run; unset without xdist
+    root = tmp_path_factory.getbasetemp().parent if session else tmp_path_factory.getbasetemp()
+    built = root / f"image-{session}.built"
+    with FileLock(str(root / "image.lock")):
+        if session and built.exists():
+            return IMAGE
+        start = time.monotonic()
+        result = subprocess.run(["bash", str(ROOT / "docker" / "build.sh"), "--cpu", "--tag", IMAGE], cwd=ROOT,
+                                capture_output=True, text=True, timeout=3600)
+        if result.returncode == BUILD_PREREQUISITE_MISSING:
+            cannot_run(f"docker/build.sh --cpu cannot build here: {result.stderr.strip().splitlines()[-1]}")
+        assert result.returncode == 0, f"docker/build.sh --cpu failed:\n{result.stdout[-6000:]}\n{result.stderr[-4000:]}"
+        print(f"{IMAGE} built in {time.monotonic() - start:.0f} s")
+        built.write_text(IMAGE)
     return IMAGE
 
 
