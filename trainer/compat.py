@@ -71,3 +71,9 @@ def instance_attributes(obj) -> dict:
     and buffers in attributes whose names differ by stage and version, so it reads all of them rather than name
     any; an object without a __dict__ (slots, C types) gives nothing."""
     return dict(vars(obj)) if hasattr(obj, "__dict__") else {}
+
+
+def has_indices_mapping(dataset) -> bool:
+    """datasets 5.2: a Dataset whose rows are a select/shuffle of its Arrow files (`_indices`, no public accessor);
+    its cache files then hold more rows, or another order, than the dataset has."""
+    return getattr(dataset, "_indices", None) is not None

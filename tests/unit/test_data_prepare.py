@@ -50,6 +50,16 @@ def test_every_format_gives_the_same_string_rows(tmp_path):
         assert all(b.schema.names == ["prompt", "response"] for b in source.batches())
 
 
+def test_a_saved_selection_gives_its_own_rows_in_its_own_order(tmp_path):
+    """save_to_disk of a shuffled selection: its rows, in its order, whether datasets flattened the selection into
+    new Arrow files (read as streams) or kept an indices mapping (read through datasets)."""
+    import datasets
+
+    picked = datasets.Dataset.from_list(ROWS).shuffle(seed=3).select([2, 0])
+    picked.save_to_disk(str(tmp_path / "picked"))
+    assert all_rows(Input(str(tmp_path / "picked"), "q", "a")) == [(r["q"], r["a"]) for r in picked]
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "csv", "parquet"])
 def test_missing_column_names_file_and_column(tmp_path, fmt):
     path = write_inputs(tmp_path)[fmt]
