@@ -12,6 +12,7 @@ point: a reader that held its input would grow ~10x; a streaming one stays near 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import shutil
@@ -50,8 +51,6 @@ def write_inputs(folder: Path, rows: int, seed: int) -> dict[str, Path]:
     pq.write_table(table, paths["parquet"], row_group_size=50_000)
     pcsv.write_csv(table, paths["csv"])
     with paths["jsonl"].open("w", encoding="utf-8") as out:
-        import json
-
         for p, r in zip(prompts, responses):
             out.write(json.dumps({"prompt": p, "response": r}) + "\n")
     datasets.Dataset(table).save_to_disk(str(paths["save_to_disk"]))

@@ -41,15 +41,19 @@ def peak_of(tiny_task, out, processes: int, *extra: str) -> tuple[int, object]:
     return result.peak, estimate(cfg, processes)
 
 
+def assert_in_band(peak: int, est, label: str) -> None:
+    ratio = peak / est.host_node
+    print(f"t5_small, {label}: estimate {est.host_node / GB:.3f} GB, peak tree PSS {peak / GB:.3f} GB, "
+          f"measured/estimate {ratio:.2f}")
+    assert LOW < ratio < HIGH, f"estimate {est.host_node / GB:.2f} GB, measured {peak / GB:.2f} GB"
+
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_t5_small_host_estimate_holds_the_measured_peak(tiny_task, tmp_path, processes, request):
     if processes == 2:
         request.getfixturevalue("deepspeed_ops")
     peak, est = peak_of(tiny_task, tmp_path / "run", processes)  # the preset's 2 workers per rank
-    ratio = peak / est.host_node
-    print(f"t5_small, {processes} process(es), 2 workers: estimate {est.host_node / GB:.3f} GB, peak tree PSS "
-          f"{peak / GB:.3f} GB, measured/estimate {ratio:.2f}")
-    assert LOW < ratio < HIGH, f"estimate {est.host_node / GB:.2f} GB, measured {peak / GB:.2f} GB"
+    assert_in_band(peak, est, f"{processes} process(es), 2 workers")
 
 
 def test_t5_small_worker_cost_matches_what_workers_add(tiny_task, tmp_path):
@@ -69,7 +73,4 @@ def test_t5_small_host_estimate_holds_what_a_lean_run_trains(tiny_task, tmp_path
     base weights, no activations for frozen layers that nothing trained feeds): the measured peak stays in the same
     band as AdamW's. An estimate that charged AdamW's 8 bytes per parameter everywhere would be 1.3-2x high here."""
     peak, est = peak_of(tiny_task, tmp_path / "run", 1, "--data.num_workers=0", lean)
-    ratio = peak / est.host_node
-    print(f"t5_small, {lean}, 0 workers: estimate {est.host_node / GB:.3f} GB, peak tree PSS {peak / GB:.3f} GB, "
-          f"measured/estimate {ratio:.2f}")
-    assert LOW < ratio < HIGH, f"estimate {est.host_node / GB:.2f} GB, measured {peak / GB:.2f} GB"
+    assert_in_band(peak, est, f"{lean}, 0 workers")

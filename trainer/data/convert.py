@@ -19,8 +19,8 @@ import pyarrow.json as pjson
 import pyarrow.parquet as pq
 
 from lowmem_train.config.errors import first_line
-from lowmem_train.trainer.compat import has_indices_mapping
 from lowmem_train.model import families
+from lowmem_train.trainer.compat import has_indices_mapping
 from lowmem_train.trainer.data.encode import vocab_fingerprint
 from lowmem_train.trainer.data.source import METADATA_KEY, DataError, column_kind, open_parquet, resolve_files
 

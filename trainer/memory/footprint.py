@@ -162,23 +162,19 @@ def frozen_front_layers(model, family) -> int:
     embeddings,encoder: all encoder layers). A trained parameter anywhere before (or a LoRA adapter) ends the run.
     0 (count every layer: the estimate errs high) when the family does not name its embeddings and layer stacks
     or the model does not have them."""
-    from fnmatch import fnmatchcase
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the model
-    names = [n for n, p in base.named_parameters() if p.requires_grad]
     modules = dict(base.named_modules())
     embeddings = family.freeze_parts.get("embeddings", [])
-    if not embeddings or not family.layer_stacks or not all(e in modules for e in embeddings) \
-            or not all(s in modules for s in family.layer_stacks) \
-            or any(fnmatchcase(n, f"{e}.*") for n in names for e in embeddings):
+    if not embeddings or not family.layer_stacks or any(m not in modules for m in [*embeddings, *family.layer_stacks]):
         return 0
-    count = 0
-    for stack in family.layer_stacks:
-        for i in range(len(modules[stack])):
-            if any(n.startswith(f"{stack}.{i}.") for n in names):
-                return count
-            count += 1
-    return count
+
+    def trained(module) -> bool:
+        return any(p.requires_grad for p in module.parameters())
+
+    if any(trained(modules[e]) for e in embeddings):
+        return 0
+    layers = [layer for stack in family.layer_stacks for layer in modules[stack]]
+    return next((i for i, layer in enumerate(layers) if trained(layer)), len(layers))
 
 
 def resolve_engine(cfg: RunConfig, world_size: int | None = None) -> Engine:
