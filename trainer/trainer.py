@@ -34,7 +34,7 @@ from lowmem_train.trainer.compat import full_numel
 from lowmem_train.trainer.data.dataset import LowMemDataset
 from lowmem_train.trainer.data.encode import EncodeStats, Encoder, vocab_fingerprint
 from lowmem_train.trainer.data.loader import batches_of
-from lowmem_train.trainer.data.setup import load_datasets
+from lowmem_train.trainer.data.setup import check_input_files, load_datasets
 from lowmem_train.trainer.evaluate import EvalResult, Evaluator
 from lowmem_train.trainer.faults import ALLOCATE, CRASH
 from lowmem_train.trainer.memory.estimate import check_fits
@@ -313,6 +313,7 @@ class Trainer:
             self.denormals_were_flushed, denormal_warning = None, None
         self.family = families.get(cfg.model.type)
         self.checkpointer = Checkpointer(cfg)
+        check_input_files(cfg)
         start = run_folder.plan_start(cfg)  # resume, start fresh, or refuse: before anything heavy exists
         resume = start.resume
         self.guard = MemoryGuard.from_config(cfg, resume.plan if resume else None, launched_world_size(),

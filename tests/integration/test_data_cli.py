@@ -26,9 +26,16 @@ def assert_one_line_error(result, *fragments):
         assert fragment in errors[0], errors[0]
 
 
-def test_missing_file(tiny_task, tmp_path):
+def test_missing_file_is_refused_before_anything_heavy_starts(tiny_task, tmp_path):
     missing = tmp_path / "nope.parquet"
-    assert_one_line_error(train(tiny_task, missing, tmp_path / "out"), "--train_file", str(missing), "not found")
+    result = train(tiny_task, missing, tmp_path / "out")
+    assert_one_line_error(result, "--train_file", str(missing), "not found")
+    assert "memory check" not in result.stdout + result.stderr  # a typo costs no process group, model or estimate
+    result = train(tiny_task, tmp_path, tmp_path / "out", f"--validation_file={missing}")
+    assert_one_line_error(result, "--train_file", str(tmp_path), "holds no *.parquet files")
+    result = train(tiny_task, tiny_task["train"], tmp_path / "out", f"--validation_file={missing}")
+    assert_one_line_error(result, "--validation_file", str(missing), "not found")
+    assert "memory check" not in result.stdout + result.stderr
 
 
 def test_file_that_is_not_parquet(tiny_task, tmp_path):

@@ -143,17 +143,20 @@ def test_micro_batch_split_does_not_change_the_update(tiny_task, tmp_path, deeps
 
 
 def test_a_mistake_seen_by_rank_0_alone_reads_as_one_user_error_on_2_processes(tiny_task, tmp_path, deepspeed_ops):
-    """Rank 0 checks the data while the others wait for it: a missing file is its error alone. Its line must reach
+    """Rank 0 reads the data while the others wait for it: a file that is not parquet is its error alone (a
+    missing one every rank refuses before the process group exists). Its line must reach
     the user (the launcher stops the other ranks as soon as one fails), and the others must say it was a user
     error, not a lost peer with advice to resume."""
     import json
 
     out = tmp_path / "mistake"
-    options = [*task_options(tiny_task, out), *TINY_MODEL, f"--train_file={tmp_path / 'missing.parquet'}"]
+    junk = tmp_path / "junk.parquet"
+    junk.write_text("prompt,response\n1,一\n")
+    options = [*task_options(tiny_task, out), *TINY_MODEL, f"--train_file={junk}"]
     result = run_cli(["train", *options], launcher=accelerate_launch("cpu_2proc_deepspeed.yaml", 29631), timeout=600)
     assert result.returncode != 0
     errors = [line for line in result.stderr.splitlines() if "error:" in line and "torch.distributed" not in line]
-    assert any(line.startswith("error: --train_file") and "missing.parquet not found" in line for line in errors), errors
+    assert any(line.startswith(f"error: {junk}") and "not a readable parquet file" in line for line in errors), errors
     assert not any("resume" in line or "lost another rank" in line for line in errors), errors
     status = json.loads((out / "exit_status.json").read_text())
     assert (status["outcome"], status["exit_code"]) == ("user_error", 2)

@@ -13,7 +13,7 @@ from lowmem_train.config.schema import RunConfig
 from lowmem_train.model import families
 from lowmem_train.model.tokenizer import load_or_train_tokenizer, load_tokenizer
 from lowmem_train.trainer.data.encode import vocab_fingerprint
-from lowmem_train.trainer.data.source import DataError, ParquetIndex, iter_rows
+from lowmem_train.trainer.data.source import DataError, ParquetIndex, iter_rows, resolve_files
 from lowmem_train.trainer.data.zh_numerals import write_task
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,17 @@ def ensure_bundled_task(cfg: RunConfig) -> None:
     if is_bundled_task(cfg) and not train.exists():
         log.info("generating the bundled task (Arabic number -> Chinese numerals) in %s", train.parent)
         write_task(train.parent)
+
+
+def check_input_files(cfg: RunConfig) -> None:
+    """Refuse a missing --train_file / --validation_file in one line before anything heavy exists (a process
+    group, the estimate's model): a typo should cost a user no more than starting Python. The bundled task's
+    files may be missing: they are generated."""
+    bundled = is_bundled_task(cfg)
+    if not bundled:
+        resolve_files(cfg.train_file, "--train_file")
+    if cfg.validation_file and not (bundled and Path(cfg.validation_file) == Path(BUNDLED.validation_file)):
+        resolve_files(cfg.validation_file, "--validation_file")
 
 
 def tokenizer_texts(index: ParquetIndex, limit_rows: int = 2_000_000) -> Iterator[str]:
