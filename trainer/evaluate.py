@@ -129,7 +129,7 @@ class Evaluator:
                 if self.has_cases:
                     case_correct[str(row[2])] += normalised(pred) == normalised(ref)
                     case_counted[str(row[2])] += 1
-                if len(examples) < 3 and backend.is_main:
+                if len(examples) < 3 and backend.is_main and self.metrics:  # loss only: nothing was generated
                     examples.append((str(row[0]), ref, pred))
         self.encoder.take_stats()  # validation rows are not training statistics
         if was_training:

@@ -403,8 +403,8 @@ class Trainer:
         trained, frozen = counts(b.accelerator.unwrap_model(self.model))
         if frozen:
             what = (f"LoRA r={cfg.lora.r} adapters" if cfg.lora.r else f"all but --freeze {','.join(cfg.freeze)}")
-            log.info("training %.2fM of %.2fM parameters (%s; %.2fM frozen), optimizer %s", trained / 1e6,
-                     (trained + frozen) / 1e6, what, frozen / 1e6, cfg.optimizer)
+            log.info("training %s of %s parameters (%s; %s frozen), optimizer %s", f"{trained:,}",
+                     f"{trained + frozen:,}", what, f"{frozen:,}", cfg.optimizer)  # exact: a small adapter shows
         log.info("data: %d training rows in %d row groups -> %d steps/epoch x %d epochs (global batch %d = micro %d x "
                  "accumulation %d x %d processes); from epoch %d step %d", self.train_index.num_rows,
                  len(self.train_index.units), self.dataset.steps_per_epoch(), cfg.epochs, self.global_batch,

@@ -29,7 +29,7 @@ def recorded(tiny_task, out: Path, *extra: str, launcher: list[str] | None = Non
                           *extra], cwd=REPO, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
     assert run.returncode == 0, run.stderr[-3000:]
-    return torch.load(out / "record_rank0.pt", weights_only=False)
+    return {**torch.load(out / "record_rank0.pt", weights_only=False), "log": run.stderr}
 
 
 @pytest.mark.parametrize("option", ["--optimizer=adafactor", "--lora.r=4"])
@@ -61,10 +61,16 @@ def test_frozen_parts_are_unchanged_to_the_bit_and_the_rest_trains(tiny_task, tm
     run = recorded(tiny_task, tmp_path / "run", "--freeze=embeddings,encoder", "--max_steps=6")
     cfg = build_config(None, {**{o.split("=")[0][2:]: o.split("=")[1] for o in TINY_MODEL}, "model.dropout": "0.0",
                               "tokenizer_dir": str(tiny_task["tokenizer"])})
-    initial = build_model(cfg, load_tokenizer(tiny_task["tokenizer"])).state_dict()  # the same seed: the same start
+    model = build_model(cfg, load_tokenizer(tiny_task["tokenizer"]))  # the same seed: the same start
+    initial = model.state_dict()
     frozen = [k for k in initial if k.startswith(("shared.", "encoder.", "lm_head."))]
     moved = [k for k in initial if k.startswith("decoder.block")]
     assert frozen and moved
+    # The log says what is trained, each tied tensor counted once (the head is the shared embedding)
+    n_frozen = sum(p.numel() for n, p in model.named_parameters() if n.startswith(("shared.", "encoder.")))
+    n_all = sum(p.numel() for p in model.parameters())
+    assert (f"training {n_all - n_frozen:,} of {n_all:,} parameters (all but --freeze embeddings,encoder; "
+            f"{n_frozen:,} frozen), optimizer adamw") in run["log"], run["log"][-3000:]
     assert all(torch.equal(run["weights"][k], initial[k]) for k in frozen)
     assert all(not torch.equal(run["weights"][k], initial[k]) for k in moved)
 
@@ -81,11 +87,16 @@ def test_adafactor_under_zero2_is_refused_in_one_line_on_two_processes(tiny_task
     assert json.loads((tmp_path / "out" / "exit_status.json").read_text())["exit_code"] == 2
 
 
-def test_lora_trains_under_zero2_offload_on_two_processes_and_resumes(tiny_task, tmp_path, deepspeed_ops):
+def test_lora_trains_under_zero2_offload_on_two_processes_and_resumes_on_two_or_one(tiny_task, tmp_path,
+                                                                                     deepspeed_ops):
     """LoRA adapters on two ranks, ZeRO-2 with the optimizer offloaded and the memory guard on (the defaults):
-    trained, saved without the frozen base, resumed, the ranks still one model."""
+    trained, saved without the frozen base, resumed, the ranks still one model; and the same checkpoint resumed on
+    one process (DeepSpeed's universal form, frozen base included) continues exactly as the two ranks did."""
+    import shutil
+
     launch = accelerate_launch("cpu_2proc_deepspeed.yaml", 29812)
     first = recorded(tiny_task, tmp_path / "run", "--lora.r=4", "--max_steps=4", launcher=launch)
+    shutil.copytree(tmp_path / "run", tmp_path / "run_on_one")
     again = recorded(tiny_task, tmp_path / "run", "--lora.r=4", "--max_steps=6", "--is_keep_training=True",
                      launcher=accelerate_launch("cpu_2proc_deepspeed.yaml", 29813))
     assert [s for s, _ in again["losses"]] == [4, 5] and first["losses"][0][1] > again["losses"][-1][1] * 0.5
@@ -93,6 +104,12 @@ def test_lora_trains_under_zero2_offload_on_two_processes_and_resumes(tiny_task,
     lora = [k for k in again["weights"] if "lora_B" in k]
     assert lora and all(torch.equal(again["weights"][k], rank1["weights"][k]) for k in lora)
     assert any(again["weights"][k].abs().sum() > 0 for k in lora)  # B starts at zero: it trained
+    on_one = recorded(tiny_task, tmp_path / "run_on_one", "--lora.r=4", "--max_steps=6", "--is_keep_training=True",
+                      launcher=accelerate_launch("cpu_2proc_deepspeed.yaml", 29814) + ["--num_processes", "1"])
+    assert "loading its universal form on 1" in on_one["log"] and "global batch 32 kept" in on_one["log"]
+    assert [s for s, _ in on_one["losses"]] == [4, 5]
+    assert max(abs(a - b) for (_, a), (_, b) in zip(on_one["losses"], again["losses"])) < 1e-6
+    assert max((on_one["weights"][k] - again["weights"][k]).abs().max().item() for k in lora) < 1e-6
 
 
 def test_a_lora_run_exports_a_merged_model_that_answers_as_its_evaluation_did(tmp_path):

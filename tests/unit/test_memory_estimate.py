@@ -223,6 +223,26 @@ def test_estimate_command_prints_every_section(tmp_path, capsys):
                     "plan now", "recommended"):
         assert f"\n{section}" in "\n" + out, (section, out)
     assert "ZeRO-2" in out and "2 process(es)" in out and "DeepSpeed's estimator" in out
+    assert "\noptimizer    AdamW (m and v, 8 bytes per trained parameter)" in out, out
+
+
+def test_estimate_of_a_pretrained_folder_follows_its_config_json_not_the_model_options(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from tests.pretrained_folders import make
+
+    sys.path.insert(0, str(REPO))
+    from train_low_mem import main
+
+    folder = make("llama", tmp_path / "llama")
+    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(folder)).parameters())
+    vocab = AutoModelForCausalLM.from_pretrained(str(folder)).config.vocab_size
+    capsys.readouterr()
+    assert main(["estimate", f"--model.name_or_path={folder}", "--optimizer=adafactor"]) == 0
+    lines = {line[:12].strip(): line[12:].lstrip() for line in capsys.readouterr().out.splitlines() if line[:1].strip()}
+    assert lines["model"].startswith(f"llama, {n / 1e6:.2f}M parameters"), lines["model"]
+    assert lines["model"].endswith(f"vocabulary {vocab} from {folder / 'config.json'}"), lines["model"]
+    assert lines["optimizer"].startswith("transformers Adafactor (factored second moment"), lines["optimizer"]
 
 
 def test_command_modules_import_nothing_heavy():
