@@ -50,6 +50,23 @@ def test_an_unsupported_model_type_is_refused(tmp_path):
         build_config(None, {"model.name_or_path": str(tmp_path / "bert")})
 
 
+def test_the_train_command_refuses_them_in_one_line_with_exit_2(gpt2, tmp_path):
+    """The refusals above come from the config tree, before anything is imported: through the real command they are
+    one line and exit 2, and the output folder is never made."""
+    from transformers import BertConfig
+
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).save_pretrained(
+        str(tmp_path / "bert"))
+    out = tmp_path / "out"
+    for options, expected in (([f"--model.name_or_path={tmp_path / 'bert'}"], "holds a 'bert' model"),
+                              ([f"--model.name_or_path={gpt2}", "--model.num_layers=4"],
+                               "--model.num_layers cannot be combined with --model.name_or_path"),
+                              (["--config=t5_small", f"--model.name_or_path={gpt2}"], "(set in "),
+                              (["--model.name_or_path=google/flan-t5-small"], "nothing is downloaded")):
+        assert expected in one_error_line(run_cli(["train", *options, f"--output_dir={out}"], timeout=120))
+    assert not out.exists()
+
+
 def test_more_tokens_than_the_model_has_positions_is_refused(gpt2):
     with pytest.raises(ConfigError, match="--max_seq_len 128 is more than the 64 positions"):
         build_config(None, {"model.name_or_path": str(gpt2), "max_seq_len": "128"})
