@@ -137,6 +137,38 @@ def test_histogram_percentiles_are_exact():
     assert h.over(95) == 5
 
 
+def mapped_rss_bytes(fragment: str) -> int:
+    """Resident bytes of this process's memory mappings of files whose path holds `fragment` (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()
+            if head and not head[0].endswith(":"):  # a mapping's header: address perms offset dev inode [path]
+                inside = fragment in line
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+def test_a_saved_dataset_is_read_as_a_stream_not_through_its_memory_map(tmp_path):
+    """datasets maps a save_to_disk folder's Arrow files, and every page read through the map stays in the
+    process's memory until the end (prepare's peak grew with the input: bench/prepare_memory.py). prepare reads
+    them as streams instead: the mapped pages stay out of memory however far it has read."""
+    import datasets
+
+    folder = tmp_path / "saved_big"
+    datasets.Dataset.from_list([{"q": f"{i:012d}" * 4, "a": "answer " * 8} for i in range(60_000)]).save_to_disk(
+        str(folder))
+    arrow_bytes = sum(f.stat().st_size for f in folder.glob("*.arrow"))
+    assert arrow_bytes > 5_000_000
+    rows, mapped = 0, []
+    for batch in Input(str(folder), "q", "a").batches():
+        rows += batch.num_rows
+        mapped.append(mapped_rss_bytes(str(folder)))
+    assert rows == 60_000
+    assert max(mapped) < arrow_bytes / 10, (max(mapped), arrow_bytes)
+
+
 def test_input_reads_in_bounded_batches(tmp_path):
     big = [{"q": str(i), "a": "y"} for i in range(50_000)]
     pq.write_table(pa.Table.from_pylist(big), tmp_path / "one_group.parquet", row_group_size=50_000)
