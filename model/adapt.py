@@ -12,6 +12,7 @@ A tied weight is one tensor: freezing T5's embeddings freezes its tied head too.
 
 from __future__ import annotations
 
+import warnings
 from fnmatch import fnmatchcase
 
 import torch
@@ -55,7 +56,10 @@ def add_adapters(model: torch.nn.Module, cfg, family) -> torch.nn.Module:
                         target_modules=targets, bias="none",
                         task_type=TaskType.SEQ_2_SEQ_LM if family.encoder_decoder else TaskType.CAUSAL_LM)
     try:
-        return get_peft_model(model, config)
+        with warnings.catch_warnings():  # peft reads transformers 5's deprecated is_gradient_checkpointing: a
+            # FutureWarning in every LoRA run's log that the user can do nothing about
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing", category=FutureWarning)
+            return get_peft_model(model, config)
     except ValueError as exc:  # peft: "Target modules {...} not found in the base model"
         raise ConfigError(f"--lora.target_modules: {exc}".splitlines()[0]) from None
 
