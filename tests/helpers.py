@@ -36,6 +36,13 @@ def accelerate_launch(config: str, port: int) -> list[str]:
             "--main_process_port", str(port)]
 
 
+def metric_records(out: Path, kind: str) -> list[dict]:
+    """The records of one kind ("eval", "train", ...) in a run folder's metrics.jsonl, in order."""
+    import json
+
+    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == kind]
+
+
 def memorisable_task(root: Path, numbers: list[int]) -> Path:
     """A training file of a few numbers repeated: a tiny model memorises them in a couple of hundred steps."""
     import pyarrow as pa

@@ -8,7 +8,7 @@ import random
 import pyarrow.parquet as pq
 import pytest
 
-from tests.helpers import TINY_MODEL, run_cli
+from tests.helpers import TINY_MODEL, metric_records, run_cli
 
 
 def raw_jsonl(path, rows=3000, nulls=(5, 77)):
@@ -73,7 +73,7 @@ def test_train_on_prepared_token_ids(tiny_task, tmp_path):
                       f"--tokenizer_dir={tok}", f"--output_dir={run}", *TINY_MODEL, "--batch_size_per_gpu=32",
                       "--max_steps=30", "--logging_steps=5", "--data.num_workers=2", "--max_seq_len=16"])
     assert result.returncode == 0, result.stderr[-3000:]
-    losses = [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+    losses = [r["loss"] for r in metric_records(run, "train")]
     assert len(losses) == 6 and losses[-1] < losses[0], losses
     wrong = run_cli(["train", f"--train_file={out / 'train.parquet'}", "--validation_file=",
                      f"--tokenizer_dir={tiny_task['tokenizer']}", f"--output_dir={tmp_path / 'wrong'}", *TINY_MODEL])

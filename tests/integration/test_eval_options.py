@@ -8,16 +8,11 @@ import re
 
 import pytest
 
-from tests.helpers import TINY_MODEL, run_cli, task_options
+from tests.helpers import TINY_MODEL, metric_records, run_cli, task_options
 
 pytestmark = pytest.mark.slow
 BASE = [*TINY_MODEL, "--batch_size_per_gpu=32", "--data.eval_max_samples=16", "--logging_steps=4",
         "--deepspeed_config=none"]
-
-
-def evals(out) -> list[dict]:
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [row for row in rows if row["kind"] == "eval"]
 
 
 def test_open_text_scores_are_reported_and_the_best_checkpoint_is_the_best_bleu(tiny_task, tmp_path):
@@ -26,7 +21,7 @@ def test_open_text_scores_are_reported_and_the_best_checkpoint_is_the_best_bleu(
                     "--save_steps=6", "--keep_latest_n_ckp=1", "--eval.metrics=exact_match,bleu,rouge_l",
                     "--eval.best_metric=bleu", "--learn_rate=1e-2"])
     assert done.returncode == 0, done.stderr[-3000:]
-    scored = evals(out)
+    scored = metric_records(out, "eval")
     assert [e["step"] for e in scored] == [6, 12, 18, 24, 30]
     for e in scored:
         assert 0 <= e["exact_match"] <= 1 and 0 <= e["rouge_l"] <= 1 and 0 <= e["bleu"] <= 100, e
@@ -50,7 +45,7 @@ def test_loss_only_evaluation_generates_nothing_and_a_score_it_cannot_have_is_re
     done = run_cli(["train", *task_options(tiny_task, out), *BASE, "--max_steps=8", "--eval_steps=4",
                     "--eval.generate=false"])
     assert done.returncode == 0, done.stderr[-3000:]
-    scored = evals(out)
+    scored = metric_records(out, "eval")
     assert [e["step"] for e in scored] == [4, 8]
     for e in scored:
         assert e["loss"] > 0 and e["perplexity"] > 1

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_MODEL, accelerate_launch, run_cli, task_options
+from tests.helpers import REPO, TINY_MODEL, accelerate_launch, metric_records, run_cli, task_options
 from tests.integration.test_plain_transformers import SEEN, UNSEEN, plain_calls, write_rows
 from tests.pretrained_folders import make
 
@@ -125,7 +125,7 @@ def test_a_lora_run_exports_a_merged_model_that_answers_as_its_evaluation_did(tm
                    env={"PYTHONWARNINGS": "default"})  # Python's own filters: what a user's terminal shows
     assert done.returncode == 0, done.stderr[-3000:]
     assert "is_gradient_checkpointing" not in done.stderr  # peft's deprecation noise stays out of the log
-    own = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"][-1]
+    own = metric_records(out, "eval")[-1]
     plain = plain_calls(out / "final", held, tmp_path)
     assert plain["project_modules"] == [] and 0 < own["exact_match"] < 1, own
     assert plain["hits"] == round(own["exact_match"] * 32), (plain, own)

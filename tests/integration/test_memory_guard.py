@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import REPO, TINY_MODEL, accelerate_launch, task_options
+from tests.helpers import REPO, TINY_MODEL, accelerate_launch, metric_records, task_options
 
 pytestmark = pytest.mark.slow
 RECORDER = REPO / "tests" / "integration" / "scripts" / "record_run.py"
@@ -142,16 +142,12 @@ def test_injected_memory_error_while_collating_on_one_rank_sheds_the_loader_and_
     assert max(abs(a - b) for (_, a), (_, b) in zip(faulty[0]["losses"], clean[0]["losses"])) < 1e-6
 
 
-def eval_records(out: Path) -> list[dict]:
-    return [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
-
-
 def test_evaluation_batch_follows_the_memory_plan(tiny_task, tmp_path):
     """An OOM (seam) made training halve its micro-batch 16 -> 8: evaluation, twice the micro-batch in force, runs
     with 16 rows, not the 32 of the starting plan (which is where a GPU that just ran out of memory fails next)."""
     recorded(tmp_path / "run", tiny_task, ["--batch_size_per_gpu=16", "--max_steps=4", "--eval_steps=2"],
              env={"LOWMEM_FAULT_OOM": "micro_batch_over=8"})
-    assert [r["batch_size"] for r in eval_records(tmp_path / "run")] == [16, 16]
+    assert [r["batch_size"] for r in metric_records(tmp_path / "run", "eval")] == [16, 16]
 
 
 def test_injected_oom_in_evaluation_halves_its_batch_and_scores_the_same_rows(tiny_task, tmp_path):
@@ -160,7 +156,7 @@ def test_injected_oom_in_evaluation_halves_its_batch_and_scores_the_same_rows(ti
     args = ["--batch_size_per_gpu=16", "--max_steps=4", "--eval_steps=2", "--data.eval_max_samples=40"]
     recorded(tmp_path / "oom", tiny_task, args, env={"LOWMEM_FAULT_OOM": "micro_batch_over=8,phase=eval"})
     recorded(tmp_path / "fits", tiny_task, args)
-    hit, fits = eval_records(tmp_path / "oom"), eval_records(tmp_path / "fits")
+    hit, fits = metric_records(tmp_path / "oom", "eval"), metric_records(tmp_path / "fits", "eval")
     assert [r["batch_size"] for r in hit] == [8, 8] and [r["batch_size"] for r in fits] == [32, 32]
     for a, b in zip(hit, fits):
         assert a["samples"] == b["samples"] == 40 and a["exact_match"] == b["exact_match"]

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from tests.helpers import REPO, TINY_MODEL, run_cli
+from tests.helpers import REPO, TINY_MODEL, metric_records, run_cli
 
 pytestmark = pytest.mark.slow
 PLAIN = REPO / "tests" / "integration" / "scripts" / "plain_calls.py"
@@ -54,7 +54,7 @@ def test_plain_calls_score_what_the_run_scored(tiny_task, tmp_path, family, extr
                       f"--tokenizer_dir={tiny_task['tokenizer']}", f"--output_dir={out}", *TINY_MODEL, *extra,
                       "--batch_size_per_gpu=32", "--seed=5", "--logging_steps=50"], timeout=1200)
     assert result.returncode == 0, result.stderr[-3000:]
-    evals = [r for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if r["kind"] == "eval"]
+    evals = metric_records(out, "eval")
     own = evals[-1]
     assert own["samples"] == 32 and "zero after 万/亿" in result.stderr.splitlines()[-1]  # per case in the last line
 

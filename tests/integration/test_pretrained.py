@@ -14,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, metric_records, run_cli
 from tests.integration.test_plain_transformers import SEEN, UNSEEN, plain_calls, write_rows
 from tests.pretrained_folders import KINDS, make, tree_digest
 
@@ -90,8 +90,7 @@ def test_a_pretrained_folder_trains_from_its_own_weights_resumes_exactly_and_exp
                        "--max_steps=6", "--is_keep_training=True")
     assert resumed["losses"] == straight["losses"][3:6]
     # 4. The exported folder answers through plain transformers calls as the run's evaluation scored.
-    own = [r for r in map(__import__("json").loads, (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines())
-           if r["kind"] == "eval"][-1]
+    own = metric_records(tmp_path / "straight", "eval")[-1]
     plain = plain_calls(tmp_path / "straight" / "final", data["held"], tmp_path)
     assert plain["project_modules"] == [] and plain["rows"] == 32
     assert 0 < own["exact_match"] < 1, own  # hits and misses: equal scores mean something

@@ -235,8 +235,8 @@ def test_estimate_of_a_pretrained_folder_follows_its_config_json_not_the_model_o
     from train_low_mem import main
 
     folder = make("llama", tmp_path / "llama")
-    n = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(str(folder)).parameters())
-    vocab = AutoModelForCausalLM.from_pretrained(str(folder)).config.vocab_size
+    plain = AutoModelForCausalLM.from_pretrained(str(folder))
+    n, vocab = sum(p.numel() for p in plain.parameters()), plain.config.vocab_size
     capsys.readouterr()
     assert main(["estimate", f"--model.name_or_path={folder}", "--optimizer=adafactor"]) == 0
     lines = {line[:12].strip(): line[12:].lstrip() for line in capsys.readouterr().out.splitlines() if line[:1].strip()}

@@ -112,7 +112,7 @@ class Input:
 def _saved_batches(folder: str, columns: tuple[str, str]) -> Iterator[pa.RecordBatch]:
     """The saved Arrow files read as streams, one record batch at a time. Not through the Dataset, whose files are
     memory-mapped: every page it touches stays in the process's PSS until the end, so its peak grew with the input
-    (bench/prepare_memory.py: 375 -> 583 MB for 23 -> 231 MB of input; read as streams 380 -> 445 MB)."""
+    (bench/prepare_memory.py: 375 -> 583 MB for 23 -> 231 MB of input; read as streams, the map closed: 380 -> 381)."""
     saved = saved_dataset(folder)
     if has_indices_mapping(saved):  # a select/shuffle not flattened by save_to_disk: let datasets apply it
         for rows in saved.select_columns(list(columns)).iter(batch_size=BATCH_ROWS):
